@@ -1,0 +1,152 @@
+"""GPT: one decoder-only Transformer that is GPT-1, GPT-2 or GPT-3 by config.
+
+- GPT-1: post-LN blocks (x = LN(x + f(x))), no final LN, exact GELU, 512 positions.
+- GPT-2: pre-LN blocks (x = x + f(LN(x))), a final LN, tanh GELU, 1024 positions,
+  residual projections initialised with std / sqrt(2 · layers) (the paper's scaling).
+- GPT-3: GPT-2 with 2048 positions and layers alternating dense and locally banded
+  attention (`attention_pattern=("dense", "banded")`, `window` keys per query).
+
+All three tie the output layer to the token embedding. The repeating `attention_pattern`
+is the unit scanned over depth: a GPT-3 pair (dense, banded) is one scan step.
+Presets with the papers' sizes are in `zoo.configs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.nn.transformer import Block, check_block_config, dense_init, layer_norm, scan_layers
+
+ATTENTION_KINDS = ("dense", "banded")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Everything that defines a GPT. Defaults are GPT-2 small."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    num_layers: int = 12
+    d_model: int = 768
+    num_heads: int = 12
+    d_ff: int = 3072
+    norm_position: str = "pre"  # "pre" (GPT-2/3) or "post" (GPT-1)
+    final_norm: bool = True  # LN after the last block (pre-LN models)
+    attention_pattern: tuple[str, ...] = ("dense",)  # repeated over depth; "dense" | "banded"
+    window: int = 256  # keys seen by a banded layer, the query included
+    activation: str = "gelu_tanh"  # "gelu_tanh" (GPT-2/3) or "gelu" (GPT-1)
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.1  # embedding and residual dropout (no dropout on attention weights)
+    init_std: float = 0.02
+    pos_init_std: float = 0.01
+    scaled_residual_init: bool = True  # residual projections: init_std / sqrt(2 · num_layers)
+    use_bias: bool = True
+    dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
+    param_dtype: str = "float32"
+    remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    attention_impl: str | None = None  # None picks the best for the backend (zoo.nn.attention)
+
+    def __post_init__(self):
+        check_block_config(self)
+        if not self.attention_pattern or any(kind not in ATTENTION_KINDS for kind in self.attention_pattern):
+            raise ValueError(
+                f"attention_pattern={self.attention_pattern!r}: a non-empty tuple of {ATTENTION_KINDS}"
+            )
+        if self.num_layers % len(self.attention_pattern):
+            raise ValueError(
+                f"num_layers={self.num_layers} is not a multiple of the attention_pattern "
+                f"length {len(self.attention_pattern)} ({self.attention_pattern})"
+            )
+        if self.window < 1:
+            raise ValueError(f"window={self.window} must be >= 1 (the query itself counts)")
+        if "banded" in self.attention_pattern and self.window > self.context_length:
+            raise ValueError(
+                f"window={self.window} is larger than context_length={self.context_length}: "
+                f"banded layers would be dense; lower window or use attention_pattern=('dense',)"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def residual_init_std(self) -> float:
+        if self.scaled_residual_init:
+            return self.init_std / math.sqrt(2 * self.num_layers)
+        return self.init_std
+
+
+class _Period(nn.Module):
+    """One repetition of the attention pattern: a block per entry (the scanned unit)."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, None]:
+        for i, kind in enumerate(self.cfg.attention_pattern):
+            window = self.cfg.window if kind == "banded" else None
+            x = Block(self.cfg, causal=True, window=window, name=f"block_{i}")(x, deterministic)
+        return x, None
+
+
+class GPT(nn.Module):
+    """Decoder-only language model: int32 tokens [batch, length] -> logits [batch, length, vocab]."""
+
+    cfg: GPTConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.token_embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=dense_init(cfg.init_std, ("vocab", "embed")),
+        )
+        self.pos_embed = self.param(
+            "pos_embed",
+            dense_init(cfg.pos_init_std, (None, "embed")),
+            (cfg.context_length, cfg.d_model),
+            cfg.param_dtype,
+        )
+        num_periods = cfg.num_layers // len(cfg.attention_pattern)
+        self.layers = scan_layers(_Period, num_periods, cfg.remat)(cfg)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        if cfg.final_norm:
+            self.final_norm = layer_norm(cfg)
+
+    def hidden_states(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Final hidden states [batch, length, d_model] (after the final LN, if any)."""
+        self._check_tokens(tokens)
+        length = tokens.shape[1]
+        x = self.token_embed(tokens) + self.pos_embed[:length].astype(self.cfg.dtype)
+        x = self.embed_dropout(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x, _ = self.layers(x, deterministic)
+        return self.final_norm(x) if self.cfg.final_norm else x
+
+    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Next-token logits [batch, length, vocab] in float32; the output layer is the
+        transposed token embedding (tied weights)."""
+        logits = self.token_embed.attend(self.hidden_states(tokens, deterministic))
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def _check_tokens(self, tokens: jax.Array) -> None:
+        cfg = self.cfg
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integers [batch, length], got {tokens.dtype} {tokens.shape}")
+        if tokens.shape[1] > cfg.context_length:
+            raise ValueError(f"input length {tokens.shape[1]} exceeds context_length={cfg.context_length}")
+        concrete = isinstance(tokens, (np.ndarray, jax.Array)) and not isinstance(tokens, jax.core.Tracer)
+        if concrete and tokens.size:  # ids are checkable outside jit only
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= cfg.vocab_size:
+                raise ValueError(
+                    f"token ids must be in [0, vocab_size={cfg.vocab_size}), got ids in [{low}, {high}]"
+                )

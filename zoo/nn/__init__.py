@@ -1,0 +1,8 @@
+"""Building blocks: attention (dense, banded, fused kernels) and the Transformer block."""
+
+from zoo.nn.attention import attention, banded_attention, choose_implementation, dense_attention
+from zoo.nn.transformer import MLP, Block, SelfAttention
+
+__all__ = [
+    "attention", "banded_attention", "choose_implementation", "dense_attention", "Block", "MLP", "SelfAttention",
+]

@@ -1,0 +1,245 @@
+"""Scaled dot-product attention: a dense reference, an exact O(T·w) banded version, and
+the fused kernels of each backend (cuDNN on GPU, Pallas splash on TPU).
+
+Layout everywhere is that of `jax.nn.dot_product_attention`: [batch, length, heads, head_dim].
+Window semantics (SPEC.md): with `window=w`, query i attends keys j with i - w < j <= i,
+so w counts the query itself; w = 1 returns v and w >= T is dense causal attention.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Implementation = Literal["dense", "banded", "xla", "cudnn", "splash"]
+IMPLEMENTATIONS: tuple[str, ...] = ("dense", "banded", "xla", "cudnn", "splash")
+
+# Large but finite: a fully masked row then softmaxes to a uniform row, never to NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    key_mask: jax.Array | None = None,
+    implementation: Implementation | None = None,
+) -> jax.Array:
+    """Multi-head attention of q [B, T, H, D] over k, v [B, S, H, D]; returns [B, T, H, D].
+
+    `window` (causal only) limits each query to the w most recent keys, itself included.
+    `key_mask` [B, S] marks valid keys (False = padding). `implementation=None` picks the
+    fastest exact implementation available for the backend and the arguments.
+    """
+    _check_arguments(q, k, v, causal, window, key_mask, implementation)
+    if implementation is None:
+        implementation = choose_implementation(q, causal=causal, window=window, key_mask=key_mask)
+    elif not supports(implementation, q, causal=causal, window=window, key_mask=key_mask):
+        raise ValueError(
+            f"implementation={implementation!r} cannot run here: backend={jax.default_backend()!r}, "
+            f"dtype={q.dtype}, shape={q.shape}, causal={causal}, window={window}, "
+            f"key_mask={'given' if key_mask is not None else None}"
+        )
+    fn = _IMPLEMENTATIONS[implementation]
+    return fn(q, k, v, causal=causal, window=window, key_mask=key_mask)
+
+
+def _check_arguments(q, k, v, causal, window, key_mask, implementation) -> None:
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"expected q [B, T, H, D] and k, v [B, S, H, D] with matching B, H, D; "
+            f"got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if window is not None:
+        if not causal:
+            raise ValueError(f"window={window} is defined for causal attention only (causal=False given)")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (the query itself counts), got window={window}")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[1]} and {k.shape[1]}")
+    if key_mask is not None and key_mask.shape != k.shape[:2]:
+        raise ValueError(f"key_mask must have shape [batch, keys] = {k.shape[:2]}, got {key_mask.shape}")
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation={implementation!r}; choose one of {IMPLEMENTATIONS} or None")
+
+
+# --------------------------------------------------------------------------------------
+# Choosing an implementation
+# --------------------------------------------------------------------------------------
+
+
+def supports(
+    implementation: str, q: jax.Array, *, causal: bool, window: int | None, key_mask: jax.Array | None
+) -> bool:
+    """Whether `implementation` can compute this attention exactly on the current backend."""
+    backend = jax.default_backend()
+    head_dim = q.shape[-1]
+    if implementation in ("dense", "xla"):
+        return True
+    if implementation == "banded":
+        return window is not None
+    if implementation == "cudnn":
+        return (
+            backend == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0
+            and head_dim <= (256 if _is_hopper() else 128)
+            and key_mask is None
+        )
+    if implementation == "splash":
+        return backend == "tpu" and causal and key_mask is None and q.shape[1] % 128 == 0
+    return False
+
+
+def choose_implementation(
+    q: jax.Array, *, causal: bool = True, window: int | None = None, key_mask: jax.Array | None = None
+) -> str:
+    """The fastest exact implementation: the backend's fused kernel when its constraints hold,
+    else blocked banded attention when the band is narrow, else the dense reference."""
+    for fused in ("cudnn", "splash"):
+        if supports(fused, q, causal=causal, window=window, key_mask=key_mask):
+            return fused
+    # Banded computes a T x 2w strip of logits, dense a T x T square.
+    # (A window w >= T is plain causal attention: dense.)
+    if window is not None and 2 * window < q.shape[1]:
+        return "banded"
+    return "dense"
+
+
+@functools.cache
+def _is_hopper() -> bool:
+    kind = jax.devices()[0].device_kind.lower()
+    return any(name in kind for name in ("h100", "h200", "h800", "gh200"))
+
+
+# --------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------
+
+
+def _scale(q: jax.Array) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])
+
+
+def _allowed(q_pos: jax.Array, k_pos: jax.Array, causal: bool, window: int | None) -> jax.Array:
+    """Boolean mask [..., queries, keys] of the (query, key) pairs attention may use."""
+    allowed = jnp.ones(jnp.broadcast_shapes(q_pos[..., :, None].shape, k_pos[..., None, :].shape), bool)
+    if causal:
+        allowed &= k_pos[..., None, :] <= q_pos[..., :, None]
+    if window is not None:
+        allowed &= k_pos[..., None, :] > q_pos[..., :, None] - window
+    return allowed
+
+
+def _softmax_weighted_sum(logits: jax.Array, allowed: jax.Array, v_strip: jax.Array, spec: str) -> jax.Array:
+    """Masked float32 softmax over the last axis, then the weighted sum of values."""
+    logits = jnp.where(allowed, logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_strip.dtype)
+    return jnp.einsum(spec, probs, v_strip)
+
+
+def dense_attention(q, k, v, *, causal=True, window=None, key_mask=None) -> jax.Array:
+    """Reference: materialises all T x S logits in float32 and masks them. O(T·S) memory."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * _scale(q)
+    allowed = _allowed(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]), causal, window)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    return _softmax_weighted_sum(logits, allowed, v, "bhqk,bkhd->bqhd")
+
+
+def banded_attention(q, k, v, *, causal=True, window=None, key_mask=None) -> jax.Array:
+    """Exact causal local attention in O(T·w) compute and memory.
+
+    The sequence is cut into blocks of b = w positions (padded up to a multiple of b). A query
+    at offset r of block n sees keys back to position n·b + r - w + 1 >= (n - 1)·b, so each query
+    block needs only its own key block and the previous one: a strip 2b wide, inside which the
+    exact band mask is applied. Block -1 does not exist and is masked, as is the padding.
+    """
+    del causal  # banded attention is causal by construction (checked by the caller)
+    assert window is not None, "banded attention needs a window"
+    batch, length, heads, head_dim = q.shape
+    block = min(window, length)  # any block of at least min(w, T) positions works
+    num_blocks = -(-length // block)
+    pad = num_blocks * block - length
+
+    def blocks(x):  # [B, T, ...] -> [B, n, b, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(batch, num_blocks, block, *x.shape[2:])
+
+    def with_previous_block(x):  # [B, n, b, ...] -> [B, n, 2b, ...]
+        previous = jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.concatenate([previous, x], axis=2)
+
+    qb = blocks(q)
+    k_strip, v_strip = with_previous_block(blocks(k)), with_previous_block(blocks(v))
+    logits = jnp.einsum("bnqhd,bnkhd->bnhqk", qb, k_strip, preferred_element_type=jnp.float32) * _scale(q)
+
+    starts = jnp.arange(num_blocks)[:, None] * block
+    q_pos = starts + jnp.arange(block)  # [n, b]
+    k_pos = starts - block + jnp.arange(2 * block)  # [n, 2b]
+    allowed = _allowed(q_pos, k_pos, causal=True, window=window)  # [n, b, 2b]
+    allowed &= ((k_pos >= 0) & (k_pos < length))[:, None, :]
+    allowed = allowed[None, :, None]  # [1, n, 1, b, 2b]
+    if key_mask is not None:
+        key_strip = with_previous_block(blocks(key_mask))  # [B, n, 2b]
+        allowed = allowed & key_strip[:, :, None, None, :]
+
+    out = _softmax_weighted_sum(logits, allowed, v_strip, "bnhqk,bnkhd->bnqhd")
+    return out.reshape(batch, num_blocks * block, heads, head_dim)[:, :length]
+
+
+def _xla_attention(q, k, v, *, causal=True, window=None, key_mask=None, implementation="xla") -> jax.Array:
+    """`jax.nn.dot_product_attention`; `is_causal` is always passed with a window (SPEC.md)."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        is_causal=causal,
+        local_window_size=None if window is None else (window - 1, 0),
+        implementation=implementation,
+    )
+
+
+def _splash_attention(q, k, v, *, causal=True, window=None, key_mask=None, interpret=False) -> jax.Array:
+    """TPU Pallas splash attention; a lazy `LocalMask` lets it skip tiles outside the band."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+    del causal, key_mask  # checked by `supports`: causal, no key mask
+    length, heads = q.shape[1], q.shape[2]
+    shape = (length, length)
+    if window is None:
+        mask = mask_lib.CausalMask(shape)
+    else:
+        mask = mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    block = next(b for b in (512, 256, 128) if length % b == 0)
+    sizes = kernel_lib.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block,
+    )
+    kernel = kernel_lib.make_splash_mha(
+        mask_lib.MultiHeadMask([mask] * heads), block_sizes=sizes,
+        head_shards=1, q_seq_shards=1, interpret=interpret,
+    )
+    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, D] -> [B, H, T, D]
+    out = jax.vmap(kernel)(to_heads_first(q * _scale(q)), to_heads_first(k), to_heads_first(v))
+    return to_heads_first(out).astype(q.dtype)
+
+
+_IMPLEMENTATIONS = {
+    "dense": dense_attention,
+    "banded": banded_attention,
+    "xla": _xla_attention,
+    "cudnn": functools.partial(_xla_attention, implementation="cudnn"),
+    "splash": _splash_attention,
+}

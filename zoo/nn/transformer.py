@@ -1,0 +1,190 @@
+"""The Transformer block shared by GPT and ViT: multi-head self-attention and a GELU MLP,
+each wrapped in a residual connection with LayerNorm before (pre-LN) or after (post-LN).
+
+Every parameter is declared with logical axis names and every large activation is
+constrained by them; one rules table (zoo.sharding) maps the names to mesh axes.
+Logical names used: batch, length, embed, heads, head_dim, mlp, vocab, classes, layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.nn.attention import attention
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+NORM_POSITIONS = ("pre", "post")
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class BlockConfig(Protocol):
+    """The config fields a Transformer block reads (GPTConfig and ViTConfig both have them)."""
+
+    d_model: int
+    num_heads: int
+    d_ff: int
+    norm_position: str
+    activation: str
+    layer_norm_eps: float
+    dropout: float
+    init_std: float
+    residual_init_std: float
+    use_bias: bool
+    dtype: str
+    param_dtype: str
+    attention_impl: str | None
+
+
+def dense_init(std: float, names: tuple[str | None, ...]) -> Any:
+    """Normal(0, std) initialiser that records the parameter's logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def zeros_init(names: tuple[str | None, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def layer_norm(cfg: BlockConfig, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm with statistics in float32 whatever the compute dtype."""
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=zeros_init(("embed",)),
+        name=name,
+    )
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v projection [embed, 3, heads, head_dim]."""
+
+    cfg: BlockConfig
+    causal: bool
+    window: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        head_dim = cfg.d_model // cfg.num_heads
+        qkv = nn.DenseGeneral(
+            features=(3, cfg.num_heads, head_dim),
+            use_bias=cfg.use_bias,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=dense_init(cfg.init_std, ("embed", None, "heads", "head_dim")),
+            bias_init=zeros_init((None, "heads", "head_dim")),
+            name="qkv",
+        )(x)
+        q, k, v = (
+            nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3)
+        )
+        out = attention(
+            q, k, v, causal=self.causal, window=self.window, key_mask=key_mask, implementation=cfg.attention_impl
+        )
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        return nn.DenseGeneral(
+            features=cfg.d_model,
+            axis=(-2, -1),
+            use_bias=cfg.use_bias,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=dense_init(cfg.residual_init_std, ("heads", "head_dim", "embed")),
+            bias_init=zeros_init(("embed",)),
+            name="out",
+        )(out)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Dense(d_ff), GELU, Dense(d_model)."""
+
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dense = lambda features, std, names, name: nn.Dense(  # noqa: E731
+            features,
+            use_bias=cfg.use_bias,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=dense_init(std, names),
+            bias_init=zeros_init(names[-1:]),
+            name=name,
+        )
+        h = dense(cfg.d_ff, cfg.init_std, ("embed", "mlp"), "up")(x)
+        h = nn.with_logical_constraint(ACTIVATIONS[cfg.activation](h), ("batch", "length", "mlp"))
+        return dense(cfg.d_model, cfg.residual_init_std, ("mlp", "embed"), "down")(h)
+
+
+class Block(nn.Module):
+    """One Transformer layer. Pre-LN: x + f(LN(x)). Post-LN (GPT-1): LN(x + f(x))."""
+
+    cfg: BlockConfig
+    causal: bool
+    window: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool, key_mask: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        sublayers = (
+            ("attn", lambda h: SelfAttention(cfg, self.causal, self.window, name="attn")(h, key_mask)),
+            ("mlp", lambda h: MLP(cfg, name="mlp")(h)),
+        )
+        for name, sublayer in sublayers:
+            norm = layer_norm(cfg, f"{name}_norm")
+            dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
+            if cfg.norm_position == "pre":
+                x = x + dropout(sublayer(norm(x)))
+            else:
+                x = norm(x + dropout(sublayer(x)))
+            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x
+
+
+def check_block_config(cfg: BlockConfig) -> None:
+    """Raise a ValueError naming the field for a config no block can be built from."""
+    if cfg.d_model % cfg.num_heads:
+        raise ValueError(f"num_heads={cfg.num_heads} does not divide d_model={cfg.d_model}")
+    if cfg.norm_position not in NORM_POSITIONS:
+        raise ValueError(f"norm_position={cfg.norm_position!r}; choose one of {NORM_POSITIONS}")
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"activation={cfg.activation!r}; choose one of {tuple(ACTIVATIONS)}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout={cfg.dropout} must be in [0, 1)")
+    for field in ("dtype", "param_dtype"):
+        try:
+            jnp.dtype(getattr(cfg, field))
+        except TypeError:
+            raise ValueError(f"{field}={getattr(cfg, field)!r} is not a dtype name such as 'float32' or 'bfloat16'")
+
+
+def scan_layers(period: type[nn.Module], num_periods: int, remat: str) -> type[nn.Module]:
+    """Stack `num_periods` copies of a layer group under `nn.scan` (params get a leading
+    "layers" axis), so compile time does not grow with depth; optionally rematerialised.
+    The period's call is `(x, deterministic, *broadcast) -> (x, None)`."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; choose one of {tuple(REMAT_POLICIES)}")
+    if remat != "none":
+        period = nn.remat(period, policy=REMAT_POLICIES[remat], prevent_cse=False, static_argnums=(2,))
+    return nn.scan(
+        period,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=num_periods,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
