@@ -145,7 +145,8 @@ class GPT(nn.Module):
             raise ValueError(f"input length {tokens.shape[1]} exceeds context_length={cfg.context_length}")
         concrete = isinstance(tokens, (np.ndarray, jax.Array)) and not isinstance(tokens, jax.core.Tracer)
         if concrete and tokens.size:  # ids are checkable outside jit only
-            low, high = int(tokens.min()), int(tokens.max())
+            ids = np.asarray(tokens)
+            low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= cfg.vocab_size:
                 raise ValueError(
                     f"token ids must be in [0, vocab_size={cfg.vocab_size}), got ids in [{low}, {high}]"

@@ -1,6 +1,6 @@
 """Building blocks: attention (dense, banded, fused kernels) and the Transformer block."""
 
-from zoo.nn.attention import attention, banded_attention, choose_implementation, dense_attention
+from zoo.nn.dot_product_attention import attention, banded_attention, choose_implementation, dense_attention
 from zoo.nn.transformer import MLP, Block, SelfAttention
 
 __all__ = [

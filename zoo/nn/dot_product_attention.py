@@ -18,7 +18,7 @@ import jax.numpy as jnp
 Implementation = Literal["dense", "banded", "xla", "cudnn", "splash"]
 IMPLEMENTATIONS: tuple[str, ...] = ("dense", "banded", "xla", "cudnn", "splash")
 
-# Large but finite: a fully masked row then softmaxes to a uniform row, never to NaN.
+# Large but finite, so that a fully masked row never produces NaN (SPEC.md).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -35,7 +35,8 @@ def attention(
     """Multi-head attention of q [B, T, H, D] over k, v [B, S, H, D]; returns [B, T, H, D].
 
     `window` (causal only) limits each query to the w most recent keys, itself included.
-    `key_mask` [B, S] marks valid keys (False = padding). `implementation=None` picks the
+    `key_mask` [B, S] marks valid keys (False = padding); a query that sees no valid key
+    outputs 0 (the fused kernels may differ there). `implementation=None` picks the
     fastest exact implementation available for the backend and the arguments.
     """
     _check_arguments(q, k, v, causal, window, key_mask, implementation)
@@ -139,9 +140,10 @@ def _allowed(q_pos: jax.Array, k_pos: jax.Array, causal: bool, window: int | Non
 
 
 def _softmax_weighted_sum(logits: jax.Array, allowed: jax.Array, v_strip: jax.Array, spec: str) -> jax.Array:
-    """Masked float32 softmax over the last axis, then the weighted sum of values."""
+    """Masked float32 softmax over the last axis, then the weighted sum of values. A query
+    with no visible key (all padding) gets weight 0 everywhere, so its output is 0."""
     logits = jnp.where(allowed, logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_strip.dtype)
+    probs = (jax.nn.softmax(logits, axis=-1) * allowed).astype(v_strip.dtype)
     return jnp.einsum(spec, probs, v_strip)
 
 
