@@ -276,7 +276,7 @@ def _convert_gpt2(hf_config: dict, state_dict: StateDict) -> tuple[GPTConfig, di
         d_ff=hf_config["n_inner"] or 4 * d_model,
         activation=_activation("activation_function", hf_config["activation_function"], _ACTIVATIONS),
         layer_norm_eps=hf_config["layer_norm_epsilon"],
-        dropout=hf_config["resid_pdrop"],
+        dropout=float(hf_config["resid_pdrop"]),
         init_std=hf_config["initializer_range"],
     )
     state = _strip_prefix(state_dict, "transformer.")
@@ -296,7 +296,7 @@ def _convert_gpt1(hf_config: dict, state_dict: StateDict) -> tuple[GPTConfig, di
         d_ff=4 * hf_config["n_embd"],
         activation=_activation("afn", hf_config["afn"], _GPT1_ACTIVATIONS),
         layer_norm_eps=hf_config["layer_norm_epsilon"],
-        dropout=hf_config["resid_pdrop"],
+        dropout=float(hf_config["resid_pdrop"]),
         init_std=hf_config["initializer_range"],
         pos_init_std=hf_config["initializer_range"],
     )
@@ -338,7 +338,7 @@ def _vit_config(hf_config: dict) -> ViTConfig:
         d_ff=hf_config["intermediate_size"],
         pooling="token",
         layer_norm_eps=hf_config["layer_norm_eps"],
-        dropout=hf_config["hidden_dropout_prob"],
+        dropout=float(hf_config["hidden_dropout_prob"]),
         activation=_activation("hidden_act", hf_config["hidden_act"], _ACTIVATIONS),
         init_std=hf_config["initializer_range"],
     )
