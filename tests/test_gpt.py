@@ -119,16 +119,20 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(tiny):
     assert np.abs(low - full).max() < 0.05 * np.abs(full).max()
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
-def test_remat_changes_memory_not_math(tiny, remat):
-    params, tokens = tiny
+def loss_grads(cfg, params, tokens):
+    loss = lambda p: zoo.GPT(cfg).apply({"params": p}, tokens).mean()  # noqa: E731
+    return jax.jit(jax.grad(loss))(params)
 
-    def grads(cfg):
-        loss = lambda p: zoo.GPT(cfg).apply({"params": p}, tokens).mean()  # noqa: E731
-        return jax.jit(jax.grad(loss))(params)
 
-    reference, rematted = grads(TINY), grads(dataclasses.replace(TINY, remat=remat))
-    for a, b in zip(jax.tree.leaves(nn.unbox(reference)), jax.tree.leaves(nn.unbox(rematted))):
+@pytest.fixture(scope="module")
+def tiny_grads(tiny):
+    return loss_grads(TINY, *tiny)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_no_batch"])
+def test_remat_changes_memory_not_math(tiny, tiny_grads, remat):
+    rematted = loss_grads(dataclasses.replace(TINY, remat=remat), *tiny)
+    for a, b in zip(jax.tree.leaves(nn.unbox(tiny_grads)), jax.tree.leaves(nn.unbox(rematted))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
