@@ -1,6 +1,6 @@
 """zoo: GPT-1/2/3 and ViT as pure Flax modules, with exact O(T·w) banded attention."""
 
-from zoo import configs, models, nn
+from zoo import configs, interop, models, nn
 from zoo.models import GPT, GPTConfig, ViT, ViTConfig
 
-__all__ = ["configs", "models", "nn", "GPT", "GPTConfig", "ViT", "ViTConfig"]
+__all__ = ["configs", "interop", "models", "nn", "GPT", "GPTConfig", "ViT", "ViTConfig"]

@@ -8,6 +8,7 @@ derives the heads from d_head:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 from typing import Any
@@ -32,7 +33,6 @@ GPT_PRESETS: dict[str, GPTConfig] = {
         context_length=512,
         norm_position="post",
         final_norm=False,
-        activation="gelu",
         pos_init_std=0.02,
         scaled_residual_init=False,
     ),
@@ -123,10 +123,8 @@ def vit(name: str, **overrides: Any) -> ViTConfig:
     return _lookup(VIT_PRESETS, name, overrides)
 
 
-def _lookup(presets: dict, name: str, overrides: dict) -> Any:
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
-    config = presets[name]
+def replace(config: Any, **overrides: Any) -> Any:
+    """`dataclasses.replace` that names near matches of a field that does not exist."""
     fields = {field.name for field in dataclasses.fields(config)}
     for key in overrides:
         if key not in fields:
@@ -134,3 +132,24 @@ def _lookup(presets: dict, name: str, overrides: dict) -> Any:
             hint = f"; did you mean {' or '.join(near)}?" if near else f"; fields: {', '.join(sorted(fields))}"
             raise ValueError(f"{type(config).__name__} has no field {key!r}{hint}")
     return dataclasses.replace(config, **overrides)
+
+
+def override(config: Any, assignments: list[str]) -> Any:
+    """Apply command-line `key=value` strings; values are Python literals, else strings
+    (e.g. ["num_layers=6", "dtype=bfloat16", "attention_pattern=('dense', 'banded')"])."""
+    overrides = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"expected key=value, got {assignment!r}")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = value
+    return replace(config, **overrides)
+
+
+def _lookup(presets: dict, name: str, overrides: dict) -> Any:
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
+    return replace(presets[name], **overrides)

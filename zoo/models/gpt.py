@@ -1,12 +1,12 @@
 """GPT: one decoder-only Transformer that is GPT-1, GPT-2 or GPT-3 by config.
 
-- GPT-1: post-LN blocks (x = LN(x + f(x))), no final LN, exact GELU, 512 positions.
-- GPT-2: pre-LN blocks (x = x + f(LN(x))), a final LN, tanh GELU, 1024 positions,
+- GPT-1: post-LN blocks (x = LN(x + f(x))), no final LN, 512 positions.
+- GPT-2: pre-LN blocks (x = x + f(LN(x))), a final LN, 1024 positions,
   residual projections initialised with std / sqrt(2 · layers) (the paper's scaling).
 - GPT-3: GPT-2 with 2048 positions and layers alternating dense and locally banded
   attention (`attention_pattern=("dense", "banded")`, `window` keys per query).
 
-All three tie the output layer to the token embedding. The repeating `attention_pattern`
+All three use the tanh approximation of GELU (as released) and tie the output layer to the token embedding. The repeating `attention_pattern`
 is the unit scanned over depth: a GPT-3 pair (dense, banded) is one scan step.
 Presets with the papers' sizes are in `zoo.configs`.
 """
@@ -40,7 +40,7 @@ class GPTConfig:
     final_norm: bool = True  # LN after the last block (pre-LN models)
     attention_pattern: tuple[str, ...] = ("dense",)  # repeated over depth; "dense" | "banded"
     window: int = 256  # keys seen by a banded layer, the query included
-    activation: str = "gelu_tanh"  # "gelu_tanh" (GPT-2/3) or "gelu" (GPT-1)
+    activation: str = "gelu_tanh"  # "gelu_tanh" (GPT-1/2/3, as released) or "gelu" (exact)
     layer_norm_eps: float = 1e-5
     dropout: float = 0.1  # embedding and residual dropout (no dropout on attention weights)
     init_std: float = 0.02

@@ -1,0 +1,44 @@
+"""Experiments run end to end from the command line (tiny settings), and say what they take."""
+
+import json
+import re
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / script), *args],
+        capture_output=True, text=True, timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("script", ["default.py", "bench_attention.py"])
+def test_help_lists_the_flags(script):
+    assert "--help" in run(script, "--help")
+
+
+def test_default_experiment_trains_evaluates_and_samples(tmp_path):
+    out = run(
+        "default.py", "--steps", "3", "--batch", "2", "--eval-batches", "1", "--samples", "1",
+        "--sample-tokens", "8", "--workdir", str(tmp_path), "--set", "num_layers=2", "--set", "window=8",
+    )
+    assert "validation loss" in out and "--- sample 1 ---\nROMEO." in out
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["num_layers"] == 2 and config["model"]["window"] == 8
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_attention_benchmark_prints_a_table(tmp_path):
+    out = run("bench_attention.py", "--lengths", "64", "--windows", "8", "--repeats", "1",
+              "--json", str(tmp_path / "bench.json"))
+    assert re.search(r"\|\s*64 \|\s*8 \|\s*banded \|", out), out
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {row["implementation"] for row in rows} == {"dense", "banded"}

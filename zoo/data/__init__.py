@@ -1,0 +1,1 @@
+"""Data: the corpus the zoo ships, and batching."""

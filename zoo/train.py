@@ -1,0 +1,58 @@
+"""Training pieces: the next-token loss, GPT-3's optimizer, and a compiled train step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+
+def adamw(
+    learning_rate: float,
+    total_steps: int,
+    warmup_steps: int,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    clip_norm: float = 1.0,
+    final_lr_fraction: float = 0.1,
+) -> optax.GradientTransformation:
+    """GPT-3's optimizer: AdamW with linear warmup then cosine decay to 10% of the peak,
+    global-norm clipping, and weight decay on matrices only (not biases or LN scales)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), learning_rate * final_lr_fraction
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(schedule, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay, mask=decay_mask),
+    )
+
+
+def lm_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -> Callable:
+    """A jitted `(params, opt_state, tokens, rng) -> (params, opt_state, loss)`; the old
+    params and optimizer state are donated so their buffers are reused in place."""
+
+    def step(params: Any, opt_state: Any, tokens: jax.Array, rng: jax.Array):
+        def loss_fn(params):
+            logits = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": rng})
+            return next_token_loss(logits, tokens)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def lm_eval_loss(model: nn.Module) -> Callable:
+    """A jitted `(params, tokens) -> loss` without dropout."""
+    return jax.jit(lambda params, tokens: next_token_loss(model.apply({"params": params}, tokens), tokens))
