@@ -10,9 +10,12 @@ import jax.numpy as jnp
 import optax
 
 
-def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+def next_token_loss(model: nn.Module, params: Any, tokens: jax.Array, **apply_kwargs: Any) -> jax.Array:
+    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]. Rows hold
+    context_length + 1 tokens, so that every position, the last one included, learns to
+    predict (sampling past the context reads the last position's logits)."""
+    logits = model.apply({"params": params}, tokens[:, :-1], **apply_kwargs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
 def adamw(
@@ -38,15 +41,13 @@ def adamw(
 
 
 def lm_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -> Callable:
-    """A jitted `(params, opt_state, tokens, rng) -> (params, opt_state, loss)`; the old
-    params and optimizer state are donated so their buffers are reused in place."""
+    """A jitted `(params, opt_state, tokens, rng) -> (params, opt_state, loss)` for token rows
+    [batch, context_length + 1]; the old params and optimizer state are donated (reused in place)."""
 
     def step(params: Any, opt_state: Any, tokens: jax.Array, rng: jax.Array):
-        def loss_fn(params):
-            logits = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": rng})
-            return next_token_loss(logits, tokens)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        loss, grads = jax.value_and_grad(next_token_loss, argnums=1)(
+            model, params, tokens, deterministic=False, rngs={"dropout": rng}
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -54,5 +55,5 @@ def lm_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -> 
 
 
 def lm_eval_loss(model: nn.Module) -> Callable:
-    """A jitted `(params, tokens) -> loss` without dropout."""
-    return jax.jit(lambda params, tokens: next_token_loss(model.apply({"params": params}, tokens), tokens))
+    """A jitted `(params, tokens) -> loss` without dropout, for rows [batch, context_length + 1]."""
+    return jax.jit(lambda params, tokens: next_token_loss(model, params, tokens))

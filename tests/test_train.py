@@ -1,0 +1,45 @@
+"""Training pieces: the next-token loss, GPT-3's optimizer, and a step that learns."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import zoo
+from zoo.train import adamw, lm_eval_loss, lm_train_step, next_token_loss
+
+CFG = zoo.GPTConfig(vocab_size=13, context_length=8, num_layers=2, d_model=16, num_heads=2, d_ff=32, dropout=0.0)
+
+
+def test_loss_of_a_model_that_knows_nothing_is_log_vocab():
+    model = zoo.GPT(CFG)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 13, (2, 9)), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"]
+    params = jax.tree.map(jnp.zeros_like, params)  # zero embeddings: uniform predictions
+    np.testing.assert_allclose(next_token_loss(model, params, tokens), np.log(13), rtol=1e-6)
+
+
+def test_weight_decay_touches_matrices_only():
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    optimizer = adamw(learning_rate=0.1, total_steps=10, warmup_steps=0, weight_decay=0.5)
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+    assert float(jnp.abs(updates["kernel"]).max()) > 0 and float(jnp.abs(updates["bias"]).max()) == 0
+
+
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1.0, 10, 100, 0.1)  # what adamw builds
+    assert float(schedule(0)) == 0 and float(schedule(10)) == 1 and abs(float(schedule(100)) - 0.1) < 1e-6
+
+
+def test_train_step_learns_a_repeated_batch():
+    model = zoo.GPT(CFG)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 13, (4, 9)), jnp.int32)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"])
+    optimizer = adamw(1e-2, total_steps=30, warmup_steps=2)
+    opt_state = optimizer.init(params)
+    step, evaluate = lm_train_step(model, optimizer), lm_eval_loss(model)
+    before = float(evaluate(params, tokens))
+    for i in range(30):
+        params, opt_state, _ = step(params, opt_state, tokens, jax.random.key(i))
+    assert float(evaluate(params, tokens)) < 0.5 * before
