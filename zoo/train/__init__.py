@@ -1,0 +1,17 @@
+"""Training: losses, GPT-3's optimizer, compiled steps, metrics and the loop."""
+
+from zoo.train.steps import (
+    adamw,
+    classification_loss,
+    eval_step_fn,
+    learning_rate,
+    lm_eval_loss,
+    lm_train_step,
+    next_token_loss,
+    train_step_fn,
+)
+
+__all__ = [
+    "adamw", "classification_loss", "eval_step_fn", "learning_rate", "lm_eval_loss", "lm_train_step",
+    "next_token_loss", "train_step_fn",
+]
