@@ -1,0 +1,139 @@
+"""A sentencepiece BPE tokenizer with byte fallback: any UTF-8 text round-trips exactly.
+
+Special ids, fixed for every model trained here:
+    0  <pad>            padding for ragged batches; `encode` never produces it, packed rows never hold it
+    1  <unk>            required by sentencepiece; unused, since unknown characters fall back to bytes
+    2  <|endoftext|>    document boundary (`eos_id`): a control symbol, appended after each document
+                        by the data pipeline. `encode` never produces it, not even from the literal
+                        text "<|endoftext|>", and `decode` drops it.
+    3..258  <0x00>..<0xFF>  byte-fallback pieces, then the learned merges.
+There is no BOS (as in GPT-2): the previous document's <|endoftext|> marks where the next one starts.
+
+Text is kept verbatim (identity normalisation, no dummy prefix, whitespace kept), so concatenated
+documents tokenize exactly as written. Sentencepiece writes spaces as "▁" (U+2581) and decodes
+every "▁" back to a space, so a literal "▁" in the text is encoded as its three byte pieces
+(which sentencepiece itself never emits, "▁" being in every vocabulary) and restored by `decode`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
+EOS_PIECE = "<|endoftext|>"
+SPACE_SYMBOL = "\u2581"
+SENTENCE_CHARS = 4096  # training sentences are paragraphs cut to this many characters
+
+TRAINER_OPTIONS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    character_coverage=1.0,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    max_sentence_length=4 * SENTENCE_CHARS,  # bytes
+    pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1, eos_piece=EOS_PIECE,
+    num_threads=1,  # the thread count is recorded in the model file: fixed, so equal inputs give equal files
+    minloglevel=2,
+)
+
+
+class Tokenizer:
+    """Text <-> token ids with a sentencepiece model; `eos_id` separates documents."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor):
+        self._sp = processor
+        if processor.eos_id() < 0:
+            raise ValueError("the sentencepiece model has no end-of-text piece (eos_id = -1)")
+        self._space_bytes = [processor.piece_to_id(f"<0x{byte:02X}>") for byte in SPACE_SYMBOL.encode()]
+        if processor.unk_id() in self._space_bytes:
+            raise ValueError("the sentencepiece model has no byte-fallback pieces; train it with byte_fallback=True")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a `.model` file written by `train_tokenizer` (or any sentencepiece model with byte fallback)."""
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no sentencepiece model at {path}: train one with zoo.tokenizer.train_tokenizer")
+        return cls(spm.SentencePieceProcessor(model_file=str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without <|endoftext|> (the pipeline appends it per document)."""
+        parts = text.split(SPACE_SYMBOL)
+        ids = self._sp.encode(parts[0])
+        for part in parts[1:]:
+            ids += self._space_bytes + self._sp.encode(part)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; special pieces (<pad>, <|endoftext|>) decode to nothing."""
+        ids, n = [int(i) for i in ids], len(self._space_bytes)
+        parts, start, i = [], 0, 0
+        while i <= len(ids) - n:
+            if ids[i:i + n] == self._space_bytes:
+                parts.append(self._sp.decode(ids[start:i]))
+                start = i = i + n
+            else:
+                i += 1
+        parts.append(self._sp.decode(ids[start:]))
+        return SPACE_SYMBOL.join(parts)
+
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Raise if some token id would index past a model's embedding table."""
+        if self.vocab_size > model_vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {model_vocab_size}: "
+                f"set vocab_size >= {self.vocab_size} in the model config (or train a smaller tokenizer)"
+            )
+
+
+def train_tokenizer(
+    texts_or_files: Iterable[str | os.PathLike], model_prefix: str | os.PathLike, vocab_size: int = 4096,
+    **options: Any,
+) -> Tokenizer:
+    """Train a byte-fallback BPE on texts (str) or UTF-8 files (paths); writes `{model_prefix}.model`."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(texts_or_files), model_writer=model, vocab_size=vocab_size,
+        **{**TRAINER_OPTIONS, **options},
+    )
+    path = pathlib.Path(f"{model_prefix}.model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_bytes(model.getvalue())
+    os.replace(partial, path)  # atomic: a process loading it concurrently never sees half a file
+    return Tokenizer.load(path)
+
+
+def _sentences(texts_or_files: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Training sentences: paragraphs (sentencepiece skips any longer than max_sentence_length, so cut them)."""
+    for item in texts_or_files:
+        text = pathlib.Path(item).read_text(encoding="utf-8") if isinstance(item, os.PathLike) else item
+        for paragraph in re.split(r"(?<=\n\n)", text):
+            yield from _cut(paragraph, SENTENCE_CHARS)
+
+
+def _cut(text: str, size: int) -> Sequence[str]:
+    """`text` in consecutive pieces of at most `size` characters."""
+    return [text[start:start + size] for start in range(0, len(text), size)]
