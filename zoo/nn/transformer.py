@@ -69,6 +69,35 @@ def layer_norm(cfg: BlockConfig, name: str | None = None) -> nn.LayerNorm:
     )
 
 
+class Projection(nn.Module):
+    """x · W + b contracting the last `len(in_names)` axes of x; W is [*in, *out] with logical
+    names. (flax's DenseGeneral reshapes its kernel through a flat 2-D matrix at init, which
+    clashes with N-D logical constraints under a mesh: google/flax#3676.)"""
+
+    features: tuple[int, ...]
+    in_names: tuple[str | None, ...]
+    out_names: tuple[str | None, ...]
+    init_std: float
+    use_bias: bool
+    dtype: str
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        contracted = len(self.in_names)
+        kernel = self.param(
+            "kernel",
+            dense_init(self.init_std, (*self.in_names, *self.out_names)),
+            (*x.shape[-contracted:], *self.features),
+            self.param_dtype,
+        )
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=contracted)
+        if self.use_bias:
+            bias = self.param("bias", zeros_init(self.out_names), self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection [embed, 3, heads, head_dim]."""
 
@@ -80,14 +109,9 @@ class SelfAttention(nn.Module):
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         head_dim = cfg.d_model // cfg.num_heads
-        qkv = nn.DenseGeneral(
-            features=(3, cfg.num_heads, head_dim),
-            use_bias=cfg.use_bias,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=dense_init(cfg.init_std, ("embed", None, "heads", "head_dim")),
-            bias_init=zeros_init((None, "heads", "head_dim")),
-            name="qkv",
+        common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        qkv = Projection(
+            (3, cfg.num_heads, head_dim), ("embed",), (None, "heads", "head_dim"), cfg.init_std, **common, name="qkv"
         )(x)
         q, k, v = (
             nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3)
@@ -96,15 +120,8 @@ class SelfAttention(nn.Module):
             q, k, v, causal=self.causal, window=self.window, key_mask=key_mask, implementation=cfg.attention_impl
         )
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        return nn.DenseGeneral(
-            features=cfg.d_model,
-            axis=(-2, -1),
-            use_bias=cfg.use_bias,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=dense_init(cfg.residual_init_std, ("heads", "head_dim", "embed")),
-            bias_init=zeros_init(("embed",)),
-            name="out",
+        return Projection(
+            (cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg.residual_init_std, **common, name="out"
         )(out)
 
 
