@@ -1,97 +1,76 @@
 """The README's main job: a small GPT-3-style model (alternating dense and banded attention)
-learns Shakespeare byte by byte on a laptop CPU in a few minutes, then writes some.
+learns Shakespeare on a laptop CPU in a few minutes, then writes some.
 
-    python experiments/default.py                      # defaults: about 4 minutes on 2 cores
-    python experiments/default.py --steps 50 --set num_layers=2 --set window=16
+    python experiments/default.py                      # defaults: a few minutes on 2 cores
+    python experiments/default.py --steps 50 --set num_layers=2 --mesh fsdp=-1
 
-The corpus ships with the package (zoo/assets); macbeth and tempest are held out for
-validation. Bytes are the tokens (vocabulary 256), so there is no tokenizer to train.
+The corpus ships with the package (zoo/assets); Macbeth and The Tempest are held out for
+validation. A sentencepiece BPE tokenizer is trained on the rest (cached in --data-dir).
+Rerunning the same command in the same --workdir resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import pathlib
-import time
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 import zoo
-from zoo.data import batches, shakespeare
+from zoo import experiment, tasks
+from zoo.data.text import prepare_shakespeare
 from zoo.sampling import sample
-from zoo.train import adamw, lm_eval_loss, lm_train_step
+from zoo.train import adamw
+from zoo.train.loop import train
 
 MODEL = zoo.GPTConfig(
-    vocab_size=256, context_length=128, num_layers=4, d_model=128, num_heads=4, d_ff=512,
+    vocab_size=2048, context_length=128, num_layers=4, d_model=128, num_heads=4, d_ff=512,
     attention_pattern=("dense", "banded"), window=32, dropout=0.0,
 )
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1000, help="training steps")
-    parser.add_argument("--batch", type=int, default=16, help="sequences per step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    parser.add_argument("--eval-batches", type=int, default=20, help="validation batches at the end")
-    parser.add_argument("--samples", type=int, default=2, help="texts to sample at the end")
-    parser.add_argument("--sample-tokens", type=int, default=300, help="bytes per sample")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("runs/default"),
-                        help="where the config and the metrics are written")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a model config field, e.g. --set num_layers=6 (repeatable)")
+def parse_args():
+    parser = experiment.parser(__doc__, workdir="runs/default", steps=600, batch=16, log_every=50,
+                               checkpoint_every=200)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    parser.add_argument("--warmup", type=int, default=60, help="linear warm-up steps (default 60)")
+    parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("runs/data"),
+                        help="cache of the tfds build and the tokenizer (default runs/data)")
+    parser.add_argument("--eval-batches", type=int, default=20, help="validation batches (default 20)")
+    parser.add_argument("--samples", type=int, default=2, help="texts to sample at the end (default 2)")
+    parser.add_argument("--sample-tokens", type=int, default=120, help="tokens per sample (default 120)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    mesh = experiment.start(args)
     cfg = zoo.configs.override(MODEL, args.set)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    (args.workdir / "config.json").write_text(
-        json.dumps({"model": dataclasses.asdict(cfg), "run": {k: str(v) for k, v in vars(args).items()}}, indent=2)
-    )
-    train_text, val_text = shakespeare.split()
-    train_tokens, val_tokens = batches.encode_bytes(train_text), batches.encode_bytes(val_text)
-    print(f"corpus: {len(train_tokens):,} training bytes, {len(val_tokens):,} validation bytes; "
-          f"devices: {jax.devices()}")
+    corpus = prepare_shakespeare(args.data_dir, cfg.context_length, vocab_size=cfg.vocab_size)
+    print(f"corpus: {corpus.train.size:,} training and {corpus.validation.size:,} validation tokens; "
+          f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
     model = zoo.GPT(cfg)
-    rng = jax.random.key(args.seed)
-    params = jax.jit(model.init)(rng, np.zeros((1, cfg.context_length), np.int32))["params"]
-    print(f"model: {sum(p.size for p in jax.tree.leaves(params)):,} parameters, "
-          f"{cfg.num_layers} layers {cfg.attention_pattern}, window {cfg.window}")
-    optimizer = adamw(args.lr, args.steps, args.warmup)
-    opt_state = optimizer.init(params)
-    train_step, eval_loss = lm_train_step(model, optimizer), lm_eval_loss(model)
+    task = tasks.language_model(model, corpus.train, corpus.validation, args.batch, args.seed, args.eval_batches)
+    config = {"model": dataclasses.asdict(cfg), "args": vars(args)}
+    summary = train(task, adamw(args.lr, args.steps, args.warmup), mesh, args.workdir,
+                    experiment.loop_config(args), config)
+    if summary.get("preempted"):
+        return
+    if "eval_loss" in summary:
+        print(f"step {args.steps}: validation loss {summary['eval_loss']:.3f} nats/token, "
+              f"perplexity {math.exp(summary['eval_loss']):.1f}")
 
-    data_rng = np.random.default_rng(args.seed)
-    start, losses = time.perf_counter(), []
-    with open(args.workdir / "metrics.jsonl", "w") as metrics, tqdm(range(args.steps), desc="train") as bar:
-        for step in bar:
-            tokens = batches.random_windows(train_tokens, args.batch, cfg.context_length + 1, data_rng)
-            params, opt_state, loss = train_step(params, opt_state, tokens, jax.random.fold_in(rng, step))
-            losses.append(loss)
-            if (step + 1) % 50 == 0 or step + 1 == args.steps:
-                recent = float(np.mean(jax.device_get(losses[-50:])))
-                bar.set_postfix(loss=f"{recent:.3f}")
-                metrics.write(json.dumps({"step": step + 1, "train_loss": recent}) + "\n")
-
-    val = [eval_loss(params, tokens) for tokens in
-           batches.sequential_windows(val_tokens, args.batch, cfg.context_length + 1, args.eval_batches)]
-    val_loss = float(np.mean(jax.device_get(val)))
-    print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s; validation loss "
-          f"{val_loss:.3f} nats/byte, perplexity {math.exp(val_loss):.2f}")
-
-    prompt = batches.encode_bytes("ROMEO.\n")[None].repeat(args.samples, axis=0)
-    texts = sample(model, params, prompt, args.sample_tokens, jax.random.fold_in(rng, args.steps), temperature=0.8)
-    for i, text in enumerate(texts):
-        print(f"\n--- sample {i + 1} ---\n{batches.decode_bytes(text)}")
+    if not args.samples:
+        return
+    prompt = np.asarray([corpus.tokenizer.encode("ROMEO.\n")] * args.samples, np.int32)
+    texts = sample(model, summary["state"]["params"], prompt, args.sample_tokens,
+                   jax.random.key(args.seed), temperature=0.8)
+    if jax.process_index() == 0:
+        for i, tokens in enumerate(jax.device_get(texts)):
+            print(f"\n--- sample {i + 1} ---\n{corpus.tokenizer.decode(tokens.tolist())}")
 
 
 if __name__ == "__main__":

@@ -28,12 +28,14 @@ def test_help_lists_the_flags(script):
 def test_default_experiment_trains_evaluates_and_samples(tmp_path):
     out = run(
         "default.py", "--steps", "3", "--batch", "2", "--eval-batches", "1", "--samples", "1",
-        "--sample-tokens", "8", "--workdir", str(tmp_path), "--set", "num_layers=2", "--set", "window=8",
+        "--sample-tokens", "8", "--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"),
+        "--set", "num_layers=2", "--set", "window=8",
     )
     assert "validation loss" in out and "--- sample 1 ---\nROMEO." in out
-    config = json.loads((tmp_path / "config.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["num_layers"] == 2 and config["model"]["window"] == 8
-    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    assert (tmp_path / "run" / "loss.png").exists() and any((tmp_path / "run" / "tensorboard").iterdir())
 
 
 def test_attention_benchmark_prints_a_table(tmp_path):

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 import zoo
 from zoo import sharding
 from zoo.sharding import LAYOUTS, RULES
-from zoo.train import adamw, lm_train_step
+from zoo.train import adamw, next_token_loss, train_step_fn
 
 CFG = zoo.GPTConfig(
     vocab_size=64,
@@ -48,6 +48,15 @@ def optimizer():
     return adamw(1e-3, total_steps=10, warmup_steps=0)
 
 
+def train_state(params, opt_state):
+    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(0))}
+
+
+def step_fn():
+    return train_step_fn(zoo.GPT(CFG), optimizer(), next_token_loss)
+
+
 def shardings_for(mesh):
     return sharding.logical_shardings(jax.eval_shape(init_params, jax.random.key(0), TOKENS[:, :-1]), mesh)
 
@@ -58,11 +67,12 @@ def reference():
     tokens = jax.device_put(TOKENS, jax.devices()[0])
     params = nn.unbox(jax.jit(init_params)(jax.random.key(0), tokens[:, :-1]))
     initial = jax.tree.map(np.asarray, params)
-    opt_state, step = optimizer().init(params), lm_train_step(zoo.GPT(CFG), optimizer())
+    state, step = train_state(params, optimizer().init(params)), jax.jit(step_fn())
     losses = []
-    for i in range(STEPS):
-        params, opt_state, loss = step(params, opt_state, tokens, jax.random.key(i))
-        losses.append(float(loss))
+    for _ in range(STEPS):
+        state, metrics = step(state, tokens)
+        losses.append(float(metrics["loss"]))
+    params = state["params"]
     return initial, losses, jax.tree.map(np.asarray, params)
 
 
@@ -73,12 +83,16 @@ def test_every_layout_trains_like_one_device(layout, reference):
     param_shardings = shardings_for(mesh)
     params = jax.device_put(initial, param_shardings)
     opt_state, opt_shardings = sharding.init_optimizer_sharded(optimizer(), params, param_shardings, mesh)
-    step = sharding.sharded_train_step(zoo.GPT(CFG), optimizer(), mesh, param_shardings, opt_shardings)
-    tokens = sharding.shard_batch(TOKENS, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated, "rng": replicated}
+    step = sharding.jit_sharded(step_fn(), mesh, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                                out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    state, tokens = train_state(params, opt_state), sharding.shard_batch(TOKENS, mesh)
     losses = []
-    for i in range(STEPS):
-        params, opt_state, loss = step(params, opt_state, tokens, jax.random.key(i))
-        losses.append(float(loss))
+    for _ in range(STEPS):
+        state, metrics = step(state, tokens)
+        losses.append(float(metrics["loss"]))
+    params = state["params"]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5), params, ref_params)
     assert jax.tree.map(lambda a: a.sharding, params) == param_shardings

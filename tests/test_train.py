@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 import zoo
-from zoo.train import adamw, lm_eval_loss, lm_train_step, next_token_loss
+from zoo.train import adamw, eval_step_fn, learning_rate, next_token_loss, train_step_fn
 
 CFG = zoo.GPTConfig(vocab_size=13, context_length=8, num_layers=2, d_model=16, num_heads=2, d_ff=32, dropout=0.0)
 
@@ -32,14 +32,19 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     assert float(schedule(0)) == 0 and float(schedule(10)) == 1 and abs(float(schedule(100)) - 0.1) < 1e-6
 
 
-def test_train_step_learns_a_repeated_batch():
+def test_train_step_learns_a_repeated_batch_and_reports_what_it_did():
     model = zoo.GPT(CFG)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 13, (4, 9)), jnp.int32)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"])
     optimizer = adamw(1e-2, total_steps=30, warmup_steps=2)
-    opt_state = optimizer.init(params)
-    step, evaluate = lm_train_step(model, optimizer), lm_eval_loss(model)
-    before = float(evaluate(params, tokens))
-    for i in range(30):
-        params, opt_state, _ = step(params, opt_state, tokens, jax.random.key(i))
-    assert float(evaluate(params, tokens)) < 0.5 * before
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(0))}
+    step = jax.jit(train_step_fn(model, optimizer, next_token_loss))
+    evaluate = jax.jit(eval_step_fn(model, next_token_loss))
+    before = float(evaluate(params, tokens)["loss"])
+    for _ in range(30):
+        state, metrics = step(state, tokens)
+    assert int(state["step"]) == 30
+    assert float(evaluate(state["params"], tokens)["loss"]) < 0.5 * before
+    assert set(metrics) == {"loss", "grad_norm", "lr"} and float(metrics["grad_norm"]) > 0
+    assert float(metrics["lr"]) == float(learning_rate(state["opt_state"])) < 1e-2  # decaying after warm-up

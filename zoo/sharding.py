@@ -27,7 +27,6 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from zoo.train.steps import next_token_loss
 
 Rules = Sequence[tuple[str, Any]]  # (logical name, mesh axes) pairs, as flax takes them
 
@@ -214,6 +213,9 @@ def initialize_distributed(
             f"give coordinator_address, num_processes and process_id together (or none on a TPU VM); got "
             f"coordinator_address={coordinator_address!r}, num_processes={num_processes}, process_id={process_id}"
         )
+    # CPU processes exchange collectives through gloo (the default has none across processes);
+    # accelerator backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
@@ -233,33 +235,3 @@ def jit_sharded(fn: Callable, mesh: Mesh, rules: Rules = RULES, **jit_kwargs: An
             return compiled(*args)
 
     return run
-
-
-def sharded_train_step(
-    model: nn.Module,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    param_shardings: Any,
-    opt_shardings: Any,
-    rules: Rules = RULES,
-) -> Callable:
-    """zoo.train.lm_train_step with explicit shardings: `(params, opt_state, tokens, rng) ->
-    (params, opt_state, loss)` for token rows [batch, context_length + 1] sharded by
-    `batch_sharding`; params and optimizer state keep their shardings and are donated."""
-
-    def step(params: Any, opt_state: Any, tokens: jax.Array, rng: jax.Array):
-        loss, grads = jax.value_and_grad(next_token_loss, argnums=1)(
-            model, params, tokens, deterministic=False, rngs={"dropout": rng}
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jit_sharded(
-        step,
-        mesh,
-        rules,
-        in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh, rules), replicated),
-        out_shardings=(param_shardings, opt_shardings, replicated),
-        donate_argnums=(0, 1),
-    )

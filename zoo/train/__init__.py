@@ -5,13 +5,10 @@ from zoo.train.steps import (
     classification_loss,
     eval_step_fn,
     learning_rate,
-    lm_eval_loss,
-    lm_train_step,
     next_token_loss,
     train_step_fn,
 )
 
 __all__ = [
-    "adamw", "classification_loss", "eval_step_fn", "learning_rate", "lm_eval_loss", "lm_train_step",
-    "next_token_loss", "train_step_fn",
+    "adamw", "classification_loss", "eval_step_fn", "learning_rate", "next_token_loss", "train_step_fn",
 ]

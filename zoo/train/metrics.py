@@ -38,6 +38,14 @@ def gpt_flops_per_token(cfg) -> float:
     return 6 * matrices + attention
 
 
+def vit_flops_per_image(cfg) -> float:
+    """Training FLOPs per image of a ViT: 6 per weight per token (patch embedding and head
+    neglected) plus bidirectional attention, 12 · layers · d_model · tokens per token."""
+    tokens = cfg.num_positions
+    per_layer = 4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff
+    return tokens * (6 * cfg.num_layers * per_layer + 12 * cfg.num_layers * cfg.d_model * tokens)
+
+
 @functools.cache
 def device_peak_flops() -> tuple[float, str]:
     """(peak FLOP/s of one local device, where the figure comes from). Accelerators: the

@@ -90,22 +90,3 @@ def eval_step_fn(model: nn.Module, loss_fn: Callable) -> Callable:
         return {"loss": out[0], "accuracy": out[1]} if isinstance(out, tuple) else {"loss": out}
 
     return step
-
-
-def lm_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -> Callable:
-    """A jitted `(params, opt_state, tokens, rng) -> (params, opt_state, loss)` for token rows
-    [batch, context_length + 1]; the old params and optimizer state are donated (reused in place)."""
-
-    def step(params: Any, opt_state: Any, tokens: jax.Array, rng: jax.Array):
-        loss, grads = jax.value_and_grad(next_token_loss, argnums=1)(
-            model, params, tokens, deterministic=False, rngs={"dropout": rng}
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
-def lm_eval_loss(model: nn.Module) -> Callable:
-    """A jitted `(params, tokens) -> loss` without dropout, for rows [batch, context_length + 1]."""
-    return jax.jit(lambda params, tokens: next_token_loss(model, params, tokens))
