@@ -20,7 +20,7 @@ def run(script: str, *args: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("script", ["default.py", "bench_attention.py"])
+@pytest.mark.parametrize("script", ["default.py", "bench_attention.py", "gpt3.py", "gpt2_small_openwebtext.py"])
 def test_help_lists_the_flags(script):
     assert "--help" in run(script, "--help")
 
@@ -36,6 +36,19 @@ def test_default_experiment_trains_evaluates_and_samples(tmp_path):
     assert config["model"]["num_layers"] == 2 and config["model"]["window"] == 8
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
     assert (tmp_path / "run" / "loss.png").exists() and any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_gpt3_experiment_runs_any_preset_scaled_down(tmp_path):
+    out = run(
+        "gpt3.py", "--preset", "gpt3-medium", "--steps", "2", "--batch", "2", "--eval-batches", "1",
+        "--samples", "0", "--vocab-size", "512", "--workdir", str(tmp_path / "run"),
+        "--data-dir", str(tmp_path / "data"), "--set", "num_layers=2", "--set", "d_model=32",
+        "--set", "num_heads=2", "--set", "d_ff=64", "--set", "context_length=32", "--set", "window=8",
+    )
+    assert "validation loss" in out
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["dtype"] == "bfloat16" and config["model"]["attention_pattern"] == ["dense", "banded"]
+    assert config["model"]["vocab_size"] == 512 and config["args"]["preset"] == "gpt3-medium"
 
 
 def test_attention_benchmark_prints_a_table(tmp_path):

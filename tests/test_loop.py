@@ -15,7 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = [
     "--set", "num_layers=2", "--set", "d_model=32", "--set", "num_heads=2", "--set", "d_ff=64",
-    "--set", "context_length=32", "--set", "window=8", "--set", "vocab_size=512",
+    "--set", "context_length=32", "--set", "window=8", "--vocab-size", "512",
     "--batch", "8", "--log-every", "1", "--checkpoint-every", "2", "--eval-batches", "1", "--samples", "0",
 ]
 

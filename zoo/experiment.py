@@ -1,21 +1,33 @@
-"""What every experiment file shares: the common flags, multi-host start-up and the mesh."""
+"""What experiment files share: the common flags, multi-host start-up, the mesh, and the
+language-model run (text in, trained model, validation loss and samples out)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from zoo import sharding
-from zoo.train.loop import LoopConfig
+from zoo import configs, sharding, tasks
+from zoo.data.text import prepare_corpus
+from zoo.models.gpt import GPT, GPTConfig
+from zoo.sampling import sample
+from zoo.train.loop import LoopConfig, train
+from zoo.train.steps import adamw
 
 
-def parser(doc: str, *, workdir: str, steps: int, batch: int, log_every: int = 50,
-           checkpoint_every: int = 500) -> argparse.ArgumentParser:
+def parser(doc: str, *, workdir: str, steps: int, batch: int, log_every: int = 50, checkpoint_every: int = 500,
+           parents: tuple[argparse.ArgumentParser, ...] = ()) -> argparse.ArgumentParser:
     """An argument parser with the flags every experiment takes; the experiment adds its own."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=list(parents))
     p.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(workdir),
                    help=f"checkpoints, metrics and config; rerunning in the same workdir resumes (default {workdir})")
     p.add_argument("--mesh", default="data=-1",
@@ -58,3 +70,65 @@ def local_rows(args: argparse.Namespace, mesh: Mesh) -> int:
             f"{jax.process_count()} processes"
         )
     return args.batch // jax.process_count()
+
+
+def add_text_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: str = "runs/data") -> None:
+    """Flags of the language-model experiments: where the text comes from, the tokenizer, sampling."""
+    p.add_argument("--tfds", metavar="NAME", help="a tfds text dataset by name, e.g. lm1b (downloads if needed)")
+    p.add_argument("--text-dir", type=pathlib.Path,
+                   help="local text: DIR/train/*.txt and DIR/<eval split>/*.txt, one document a file "
+                        "(default without --tfds: the shipped Shakespeare)")
+    p.add_argument("--eval-split", default="validation", help="held-out split name (default validation)")
+    p.add_argument("--tokenizer", type=pathlib.Path, help="a sentencepiece model (default: train one on the data)")
+    p.add_argument("--vocab-size", type=int, default=vocab_size,
+                   help=f"vocabulary of the trained tokenizer; the model's follows it (default {vocab_size})")
+    p.add_argument("--max-documents", type=int, help="read at most this many documents per split")
+    p.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path(data_dir),
+                   help=f"cache of tfds builds and tokenizers (default {data_dir})")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the experiment's)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default: the experiment's)")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches (default 20)")
+    p.add_argument("--samples", type=int, default=2, help="texts sampled at the end (default 2)")
+    p.add_argument("--sample-tokens", type=int, default=120, help="tokens per sample (default 120)")
+    p.add_argument("--prompt", default="ROMEO.\n", help="the samples' prompt")
+
+
+def run_language_model(args: argparse.Namespace, cfg: GPTConfig, learning_rate: float, warmup: int) -> dict:
+    """Train `cfg` (with --set overrides) on the text the flags name, report validation loss
+    and print samples; --lr and --warmup override the experiment's defaults."""
+    mesh = start(args)
+    cfg = configs.override(cfg, args.set)
+    corpus = _shared(lambda: prepare_corpus(
+        args.data_dir, cfg.context_length, args.vocab_size, tfds_name=args.tfds, text_dir=args.text_dir,
+        eval_split=args.eval_split, tokenizer_path=args.tokenizer, max_documents=args.max_documents))
+    if not any(item.startswith("vocab_size=") for item in args.set):
+        cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
+    corpus.tokenizer.check_vocab(cfg.vocab_size)
+    print(f"corpus: {corpus.train.size:,} training and {corpus.validation.size:,} validation tokens "
+          f"(vocabulary {corpus.tokenizer.vocab_size}); mesh {dict(mesh.shape)} over {jax.device_count()} "
+          f"{jax.devices()[0].platform} devices")
+    model = GPT(cfg)
+    task = tasks.language_model(model, corpus.train, corpus.validation, args.batch, args.seed, args.eval_batches)
+    optimizer = adamw(args.lr or learning_rate, args.steps, warmup if args.warmup is None else args.warmup)
+    summary = train(task, optimizer, mesh, args.workdir, loop_config(args),
+                    {"model": dataclasses.asdict(cfg), "args": vars(args)})
+    if summary.get("preempted"):
+        return summary
+    print(f"step {args.steps}: validation loss {summary['eval_loss']:.3f} nats/token, "
+          f"perplexity {math.exp(summary['eval_loss']):.1f}")
+    if args.samples:
+        prompt = np.asarray([corpus.tokenizer.encode(args.prompt)] * args.samples, np.int32)
+        texts = jax.device_get(sample(model, summary["state"]["params"], prompt, args.sample_tokens,
+                                      jax.random.key(args.seed), temperature=0.8))
+        if jax.process_index() == 0:
+            for i, tokens in enumerate(texts):
+                print(f"\n--- sample {i + 1} ---\n{corpus.tokenizer.decode(tokens.tolist())}")
+    return summary
+
+
+def _shared(prepare: Callable[[], Any]) -> Any:
+    """Run `prepare` on process 0 first (it fills the shared caches), then on the others."""
+    if jax.process_index() == 0:
+        result = prepare()
+    multihost_utils.sync_global_devices("data prepared")
+    return result if jax.process_index() == 0 else prepare()

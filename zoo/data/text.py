@@ -247,3 +247,32 @@ def _build_shakespeare(data_dir: pathlib.Path, validation: tuple[str, ...]) -> L
             folder.mkdir(exist_ok=True)
             (folder / f"{name}.txt").write_text(text, encoding="utf-8")
         return build_text_files(source, data_dir, builder.builder_config.name)
+
+
+def prepare_corpus(data_dir: str | os.PathLike, length: int, vocab_size: int, *, tfds_name: str | None = None,
+                   text_dir: str | os.PathLike | None = None, eval_split: str = "validation",
+                   tokenizer_path: str | os.PathLike | None = None,
+                   max_documents: int | None = None) -> PackedCorpus:
+    """Packed rows of a tfds text dataset by name (downloaded if needed), of local text files
+    (`text_dir`/train/*.txt and `text_dir`/<eval_split>/*.txt), or else of the shipped
+    Shakespeare. The tokenizer is loaded from `tokenizer_path`, or trained on the training split
+    (at most `max_documents` documents) and cached in `data_dir`."""
+    if tfds_name is None and text_dir is None:
+        return prepare_shakespeare(data_dir, length, vocab_size)
+    data_dir = pathlib.Path(data_dir)
+    if text_dir is not None:
+        name = pathlib.Path(text_dir).resolve().name
+        builder = build_text_files(text_dir, data_dir, name)
+        split = lambda s: source_texts(builder.as_data_source(s))  # noqa: E731
+    else:
+        name = tfds_name.replace("/", "-")
+        split = lambda s: tfds_documents(tfds_name, s, data_dir)  # noqa: E731
+    train = list(itertools.islice(split("train"), max_documents))
+    held_out = list(itertools.islice(split(eval_split), max_documents))
+    if tokenizer_path is not None:
+        tokenizer = Tokenizer.load(tokenizer_path)
+    else:
+        cached = data_dir / "tokenizers" / f"{name}-bpe{vocab_size}.model"
+        tokenizer = Tokenizer.load(cached) if cached.exists() else train_tokenizer(train, cached.with_suffix(""),
+                                                                                    vocab_size)
+    return PackedCorpus(tokenizer, packed_rows(tokenizer, train, length), packed_rows(tokenizer, held_out, length))

@@ -1,0 +1,26 @@
+"""GPT-2 small (124M) on OpenWebText, the recipe of the GPT-2 reproductions: AdamW
+β = (0.9, 0.95), lr 6e-4 with 2,000 warm-up steps then cosine, weight decay 0.1,
+batch 480 × 1024 tokens, bf16 compute.
+
+    # OpenWebText is not in tfds: export it as DIR/train/*.txt and DIR/validation/*.txt
+    python experiments/gpt2_small_openwebtext.py --text-dir /data/openwebtext --mesh fsdp=-1
+    # a CPU smoke run on the shipped Shakespeare:
+    python experiments/gpt2_small_openwebtext.py --steps 3 --batch 2 --set num_layers=2 --set context_length=64
+
+The model's vocabulary follows the sentencepiece tokenizer trained on the data (--vocab-size).
+"""
+
+import zoo
+from zoo import experiment
+
+
+def main() -> None:
+    cfg = zoo.configs.gpt("gpt2-small", dtype="bfloat16")
+    parser = experiment.parser(__doc__, workdir="runs/gpt2-small-openwebtext", steps=600_000, batch=480,
+                               checkpoint_every=1000)
+    experiment.add_text_flags(parser, vocab_size=50257)
+    experiment.run_language_model(parser.parse_args(), cfg, learning_rate=6e-4, warmup=2000)
+
+
+if __name__ == "__main__":
+    main()
