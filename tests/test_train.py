@@ -48,3 +48,22 @@ def test_train_step_learns_a_repeated_batch_and_reports_what_it_did():
     assert float(evaluate(state["params"], tokens)["loss"]) < 0.5 * before
     assert set(metrics) == {"loss", "grad_norm", "lr"} and float(metrics["grad_norm"]) > 0
     assert float(metrics["lr"]) == float(learning_rate(state["opt_state"])) < 1e-2  # decaying after warm-up
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    model = zoo.GPT(CFG)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 13, (8, 9)), jnp.int32)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"])
+    optimizer = adamw(1e-2, total_steps=10, warmup_steps=0)
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(0))}
+    whole, whole_metrics = jax.jit(train_step_fn(model, optimizer, next_token_loss))(state, tokens)
+    accumulated, metrics = jax.jit(train_step_fn(model, optimizer, next_token_loss, accumulation_steps=4))(
+        state, tokens
+    )
+    np.testing.assert_allclose(metrics["loss"], whole_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], whole_metrics["grad_norm"], rtol=1e-5)
+    # Adam divides by the gradient's size: where that is ~0 (key biases), rounding noise moves
+    # params by up to lr x 1e-3, so compare at that scale.
+    for a, b in zip(jax.tree.leaves(accumulated["params"]), jax.tree.leaves(whole["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -10,8 +10,10 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
+import absl.logging
 import jax
 import numpy as np
+import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -38,6 +40,8 @@ def parser(doc: str, *, workdir: str, steps: int, batch: int, log_every: int = 5
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set num_layers=6 (repeatable)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step: the batch is split k ways (default 1)")
     p.add_argument("--log-every", type=int, default=log_every, help=f"steps between metrics (default {log_every})")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default 0: at the end)")
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
@@ -49,15 +53,20 @@ def parser(doc: str, *, workdir: str, steps: int, batch: int, log_every: int = 5
 
 
 def start(args: argparse.Namespace) -> Mesh:
-    """Join the other processes (automatic on TPU VMs) and build the mesh of --mesh."""
+    """Join the other processes (automatic on TPU VMs) and build the mesh of --mesh; quiet
+    tfds's progress bars and absl's notices so the run's own progress stays readable."""
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    tfds.disable_progress_bar()
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     return sharding.mesh_for(args.mesh)
 
 
 def loop_config(args: argparse.Namespace) -> LoopConfig:
     """The loop settings given on the command line."""
+    if args.batch % args.grad_accum:
+        raise ValueError(f"--batch {args.batch} does not split into --grad-accum {args.grad_accum} micro-batches")
     return LoopConfig(steps=args.steps, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
-                      checkpoint_every=args.checkpoint_every)
+                      checkpoint_every=args.checkpoint_every, accumulation_steps=args.grad_accum)
 
 
 def local_rows(args: argparse.Namespace, mesh: Mesh) -> int:
@@ -97,6 +106,7 @@ def run_language_model(args: argparse.Namespace, cfg: GPTConfig, learning_rate: 
     """Train `cfg` (with --set overrides) on the text the flags name, report validation loss
     and print samples; --lr and --warmup override the experiment's defaults."""
     mesh = start(args)
+    local_rows(args, mesh)  # the batch must split over processes and devices
     cfg = configs.override(cfg, args.set)
     corpus = _shared(lambda: prepare_corpus(
         args.data_dir, cfg.context_length, args.vocab_size, tfds_name=args.tfds, text_dir=args.text_dir,

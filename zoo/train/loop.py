@@ -61,6 +61,7 @@ class LoopConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    accumulation_steps: int = 1  # micro-batches per optimizer step
     progress: bool = True
 
 
@@ -69,7 +70,8 @@ def _replicated(mesh: Mesh) -> NamedSharding:
 
 
 def _state_shardings(task: Task, optimizer: optax.GradientTransformation, mesh: Mesh, rng: jax.Array):
-    """(abstract state with shardings, the shardings) of {params, opt_state, step, rng}."""
+    """(abstract state with shardings, the shardings, the params' init function) of the
+    train state {params, opt_state, step, rng}."""
     init_params = lambda key: task.model.init(key, task.example_input)["params"]  # noqa: E731
     boxed = jax.eval_shape(init_params, rng)
     param_shardings = sharding.logical_shardings(boxed, mesh)
@@ -133,7 +135,7 @@ def train(
 
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = sharding.jit_sharded(
-        train_step_fn(task.model, optimizer, task.loss_fn), mesh,
+        train_step_fn(task.model, optimizer, task.loss_fn, loop.accumulation_steps), mesh,
         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, _replicated(mesh)),
         donate_argnums=(0,),
     )

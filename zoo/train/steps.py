@@ -54,23 +54,50 @@ def classification_loss(model: nn.Module, params: Any, batch: dict, **apply_kwar
     return loss, (jnp.argmax(logits, -1) == batch["label"]).mean()
 
 
-def train_step_fn(model: nn.Module, optimizer: optax.GradientTransformation, loss_fn: Callable) -> Callable:
+def _losses(loss_fn: Callable, model: nn.Module, params: Any, batch: Any, **kwargs: Any) -> tuple:
+    """(loss, accuracy), accuracy None where the loss function reports none."""
+    out = loss_fn(model, params, batch, **kwargs)
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def _metrics(loss: jax.Array, accuracy: jax.Array | None) -> dict:
+    return {"loss": loss} if accuracy is None else {"loss": loss, "accuracy": accuracy}
+
+
+def train_step_fn(
+    model: nn.Module, optimizer: optax.GradientTransformation, loss_fn: Callable, accumulation_steps: int = 1
+) -> Callable:
     """The un-jitted `(state, batch) -> (state, metrics)` of one optimizer step, where
     state = {params, opt_state, step, rng} and loss_fn(model, params, batch, **kwargs) returns a
-    loss or (loss, accuracy). Dropout keys derive from (rng, step): a resumed run repeats them."""
+    loss or (loss, accuracy). Dropout keys derive from (rng, step): a resumed run repeats them.
+    With `accumulation_steps` = k, the batch's rows are split into k micro-batches whose mean
+    gradient makes the one update (rows i, k + i, 2k + i, ... form micro-batch i, so each device
+    keeps its own rows)."""
+
+    def value_and_grads(params: Any, batch: Any, rng: jax.Array):
+        loss = lambda p: _losses(loss_fn, model, p, batch, deterministic=False, rngs={"dropout": rng})  # noqa: E731
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    def accumulated(params: Any, batch: Any, rng: jax.Array):
+        micro = jax.tree.map(lambda x: x.reshape(-1, accumulation_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def add(total, inputs):
+            index, micro_batch = inputs
+            out = value_and_grads(params, micro_batch, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, total, out), None
+
+        shapes = jax.eval_shape(value_and_grads, params, jax.tree.map(lambda x: x[0], micro), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, _ = jax.lax.scan(add, zeros, (jnp.arange(accumulation_steps), micro))
+        return jax.tree.map(lambda x: x / accumulation_steps, total)
 
     def step(state: dict, batch: Any) -> tuple[dict, dict]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-
-        def loss(params):
-            out = loss_fn(model, params, batch, deterministic=False, rngs={"dropout": rng})
-            return out if isinstance(out, tuple) else (out, None)
-
-        (value, accuracy), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
+        compute = value_and_grads if accumulation_steps == 1 else accumulated
+        (value, accuracy), grads = compute(state["params"], batch, rng)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        metrics = {"loss": value, "grad_norm": optax.global_norm(grads), "lr": learning_rate(opt_state)}
-        if accuracy is not None:
-            metrics["accuracy"] = accuracy
+        metrics = {**_metrics(value, accuracy), "grad_norm": optax.global_norm(grads),
+                   "lr": learning_rate(opt_state)}
         new_state = {
             "params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state,
@@ -86,7 +113,6 @@ def eval_step_fn(model: nn.Module, loss_fn: Callable) -> Callable:
     """The un-jitted `(params, batch) -> metrics` without dropout."""
 
     def step(params: Any, batch: Any) -> dict:
-        out = loss_fn(model, params, batch)
-        return {"loss": out[0], "accuracy": out[1]} if isinstance(out, tuple) else {"loss": out}
+        return _metrics(*_losses(loss_fn, model, params, batch))
 
     return step
