@@ -26,15 +26,15 @@ from zoo.train.steps import adamw
 
 
 def parser(doc: str, *, workdir: str, steps: int, batch: int, log_every: int = 50, checkpoint_every: int = 500,
-           parents: tuple[argparse.ArgumentParser, ...] = ()) -> argparse.ArgumentParser:
+           mesh: str = "data=-1", parents: tuple[argparse.ArgumentParser, ...] = ()) -> argparse.ArgumentParser:
     """An argument parser with the flags every experiment takes; the experiment adds its own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=list(parents))
     p.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(workdir),
                    help=f"checkpoints, metrics and config; rerunning in the same workdir resumes (default {workdir})")
-    p.add_argument("--mesh", default="data=-1",
+    p.add_argument("--mesh", default=mesh,
                    help=f"a layout {tuple(sharding.LAYOUTS)} or a mesh such as data=2,fsdp=2,tensor=2 "
-                        "(-1 takes the remaining devices; default data=-1)")
+                        f"(-1 takes the remaining devices; default {mesh})")
     p.add_argument("--steps", type=int, default=steps, help=f"training steps (default {steps})")
     p.add_argument("--batch", type=int, default=batch, help=f"global batch size in rows (default {batch})")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout (default 0)")
