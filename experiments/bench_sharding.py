@@ -1,0 +1,186 @@
+"""Benchmark one train step of a GPT or ViT preset under each sharding layout, as a markdown table.
+
+    python experiments/bench_sharding.py --preset gpt2-small --set num_layers=2 [--layouts dp fsdp]
+        [--batch 8] [--repeats 3] [--chip tpu-v5e] [--json PATH] [--plot PATH]
+
+Each row compiles the step (GPT-3's AdamW, as the experiments train) on a mesh of every available
+device, then times it: one warm-up step, then the median of --repeats steps on random inputs.
+Memory is XLA's per-device compile-time analysis (arguments, outputs, temps); collectives are
+counted in the compiled HLO (ops run per step, MiB of their per-device results). MFU divides
+model FLOPs by the devices' peak (measured by a matmul on CPU). Layouts whose axes do not divide
+the devices, the batch, the heads, d_ff or the vocabulary are skipped with a note. --chip adds
+zoo.bench's roofline: the step time the chip's peak FLOP/s, HBM and interconnect bandwidth allow for
+each device's model FLOPs, bytes accessed (of the program compiled here) and collective bytes. On one CPU, simulate devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 and shrink the model with --set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+
+from zoo import bench, configs, sharding
+from zoo.models.gpt import GPTConfig
+from zoo.models.vit import ViTConfig
+
+MiB = 2**20
+SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A",
+         "collective-permute": "CP"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows flag defaults and keeps the module docstring's line breaks."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    presets = [*configs.GPT_PRESETS, *configs.VIT_PRESETS]
+    parser.add_argument("--preset", default="gpt2-small", choices=presets, metavar="PRESET",
+                        help=f"a GPT or ViT preset: {', '.join(presets)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model config field, e.g. --set num_layers=2 (repeatable)")
+    parser.add_argument("--layouts", nargs="+", default=list(sharding.LAYOUTS),
+                        help="layout names or mesh specs such as data=2,fsdp=-1")
+    parser.add_argument("--batch", type=int, default=8, help="global batch in rows")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per layout (median reported)")
+    parser.add_argument("--chip", choices=list(bench.CHIPS),
+                        help="also predict each layout's step time and MFU on this chip by the roofline")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    parser.add_argument("--plot", metavar="PATH", help="also draw step time and per-device memory as a PNG")
+    return parser.parse_args(argv)
+
+
+def model_config(preset: str, assignments: list[str]) -> GPTConfig | ViTConfig:
+    """The preset's config with the --set overrides applied."""
+    base = configs.GPT_PRESETS.get(preset) or configs.VIT_PRESETS[preset]
+    return configs.override(base, assignments)
+
+
+def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int) -> str | None:
+    """Why `layout` cannot run this model and batch on the available devices (None: it can)."""
+    try:
+        mesh = sharding.mesh_for(layout)
+    except ValueError as error:
+        return str(error)
+    batch_shards, tensor = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"]
+    sizes = {"batch": (batch, batch_shards, "data x fsdp"), "num_heads": (cfg.num_heads, tensor, "tensor"),
+             "d_ff": (cfg.d_ff, tensor, "tensor")}
+    if isinstance(cfg, GPTConfig):
+        sizes["vocab_size"] = (cfg.vocab_size, tensor, "tensor")
+    bad = [f"{name}={size} is not a multiple of {axes}={shards}"
+           for name, (size, shards, axes) in sizes.items() if size % shards]
+    return f"mesh {dict(mesh.shape)}: {'; '.join(bad)}" if bad else None
+
+
+def measure(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int) -> dict:
+    """One layout's row, or a note of why it was skipped."""
+    reason = misfit(cfg, layout, batch)
+    if reason:
+        return {"layout": layout, "skipped": reason}
+    print(f"measuring {layout}", file=sys.stderr, flush=True)
+    try:
+        return bench.measure_layout(cfg, layout, batch, repeats)
+    except ValueError as error:  # e.g. a dimension the rules shard that the mesh does not divide
+        return {"layout": layout, "skipped": str(error).splitlines()[0]}
+
+
+def fmt(value: float | int | str | None, digits: int = 2) -> str:
+    """A table cell: floats rounded, None as n/a."""
+    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def mib(value: int | None) -> float | None:
+    """Bytes as MiB (None stays None)."""
+    return None if value is None else value / MiB
+
+
+def collective_cell(found: dict[str, dict[str, int]]) -> str:
+    """E.g. "AG 38 × 0.14, AR 7 × 0.08": count and MiB per kind that occurs."""
+    return ", ".join(f"{SHORT[kind]} {c['count']} × {c['bytes'] / MiB:.2f}" for kind, c in found.items()
+                     if c["count"]) or "none"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned markdown table with padded columns."""
+    widths = [max(map(len, column)) for column in zip(header, *rows)]
+    lines = [header, ["-" * max(w - 1, 1) + ":" for w in widths], *rows]
+    return "\n".join("| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |" for cells in lines)
+
+
+def table(rows: list[dict], item_name: str, chip: str | None) -> str:
+    """The measured rows (and, with a chip, their roofline predictions) as a markdown table."""
+    header = ["layout", "mesh (data, fsdp, tensor)", "compile (s)", "step (ms)", f"{item_name}/s", "MFU",
+              "args (MiB)", "temps (MiB)", "outputs (MiB)", "collectives (count × MiB)"]
+    cells = [[row["layout"], ", ".join(map(str, row["mesh"].values())), fmt(row["compile_s"]),
+              fmt(1e3 * row["step_s"], 1), fmt(row[f"{item_name}_per_s"], 0), fmt(row["mfu"], 4),
+              fmt(mib(row["memory"]["argument_bytes"])), fmt(mib(row["memory"]["temp_bytes"])),
+              fmt(mib(row["memory"]["output_bytes"])), collective_cell(row["collectives"])] for row in rows]
+    if chip:
+        header += [f"{chip} roofline (ms)", f"{chip} MFU bound"]
+        for cell, row in zip(cells, rows):
+            step_s = row["predicted"]["step_s"]
+            cell += [fmt(None if step_s is None else 1e3 * step_s, 3), fmt(row["predicted"]["mfu"], 3)]
+    return markdown_table(header, cells)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Bar charts of step time and per-device memory per layout: arguments, temps, and the outputs
+    beyond those that reuse donated arguments' buffers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["layout"] for row in rows]
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    time_ax.bar(names, [1e3 * row["step_s"] for row in rows], color="tab:blue")
+    time_ax.set_ylabel("step time (ms)")
+    bottom = [0.0] * len(rows)
+    parts = {"arguments": lambda m: m["argument_bytes"], "temps": lambda m: m["temp_bytes"],
+             "outputs not aliased": lambda m: m["output_bytes"] - (m["alias_bytes"] or 0)}
+    for label, size in parts.items():
+        heights = [mib(size(row["memory"])) if row["memory"]["output_bytes"] is not None else 0.0 for row in rows]
+        memory_ax.bar(names, heights, bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    memory_ax.set_ylabel("per-device memory (MiB)")
+    memory_ax.legend()
+    for ax in (time_ax, memory_ax):
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure every layout, print the table and optionally write JSON and a plot."""
+    args = parse_args(argv)
+    cfg = model_config(args.preset, args.set)
+    item_name = "tokens" if isinstance(cfg, GPTConfig) else "images"
+    config = {"preset": args.preset, "overrides": args.set, "batch": args.batch, "repeats": args.repeats,
+              "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+              "devices": jax.device_count()}
+    print("\n".join(f"- {key}: {value}" for key, value in config.items()), end="\n\n", flush=True)
+    results = [measure(cfg, layout, args.batch, args.repeats) for layout in args.layouts]
+    rows = [row for row in results if "skipped" not in row]
+    for row in rows if args.chip else []:
+        row["predicted"] = bench.predict(row, args.chip)
+    if rows:
+        print(table(rows, item_name, args.chip))
+    for row in results:
+        if "skipped" in row:
+            print(f"\nskipped {row['layout']}: {row['skipped']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": config, "rows": results}, f, indent=2)
+    if args.plot and rows:
+        plot(rows, args.plot)
+    if not rows:
+        sys.exit("no layout fits; see the notes above")
+
+
+if __name__ == "__main__":
+    main()
