@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 import zoo
 from zoo import sharding
 from zoo.sharding import LAYOUTS, RULES
-from zoo.train import adamw, next_token_loss, train_step_fn
+from zoo.train import adamw, next_token_loss, train_state, train_step_fn
 
 CFG = zoo.GPTConfig(
     vocab_size=64,
@@ -48,11 +48,6 @@ def optimizer():
     return adamw(1e-3, total_steps=10, warmup_steps=0)
 
 
-def train_state(params, opt_state):
-    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(0))}
-
-
 def step_fn():
     return train_step_fn(zoo.GPT(CFG), optimizer(), next_token_loss)
 
@@ -67,7 +62,7 @@ def reference():
     tokens = jax.device_put(TOKENS, jax.devices()[0])
     params = nn.unbox(jax.jit(init_params)(jax.random.key(0), tokens[:, :-1]))
     initial = jax.tree.map(np.asarray, params)
-    state, step = train_state(params, optimizer().init(params)), jax.jit(step_fn())
+    state, step = train_state(params, optimizer(), jax.random.key(0)), jax.jit(step_fn())
     losses = []
     for _ in range(STEPS):
         state, metrics = step(state, tokens)
@@ -87,7 +82,8 @@ def test_every_layout_trains_like_one_device(layout, reference):
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated, "rng": replicated}
     step = sharding.jit_sharded(step_fn(), mesh, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    state, tokens = train_state(params, opt_state), sharding.shard_batch(TOKENS, mesh)
+    state = {**train_state(params, optimizer(), jax.random.key(0)), "opt_state": opt_state}
+    tokens = sharding.shard_batch(TOKENS, mesh)
     losses = []
     for _ in range(STEPS):
         state, metrics = step(state, tokens)

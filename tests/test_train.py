@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 import zoo
-from zoo.train import adamw, eval_step_fn, learning_rate, next_token_loss, train_step_fn
+from zoo.train import adamw, eval_step_fn, learning_rate, next_token_loss, train_state, train_step_fn
 
 CFG = zoo.GPTConfig(vocab_size=13, context_length=8, num_layers=2, d_model=16, num_heads=2, d_ff=32, dropout=0.0)
 
@@ -37,8 +37,7 @@ def test_train_step_learns_a_repeated_batch_and_reports_what_it_did():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 13, (4, 9)), jnp.int32)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"])
     optimizer = adamw(1e-2, total_steps=30, warmup_steps=2)
-    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(0))}
+    state = train_state(params, optimizer, jax.random.key(0))
     step = jax.jit(train_step_fn(model, optimizer, next_token_loss))
     evaluate = jax.jit(eval_step_fn(model, next_token_loss))
     before = float(evaluate(params, tokens)["loss"])
@@ -55,8 +54,7 @@ def test_gradient_accumulation_equals_the_whole_batch():
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 13, (8, 9)), jnp.int32)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"])
     optimizer = adamw(1e-2, total_steps=10, warmup_steps=0)
-    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(0))}
+    state = train_state(params, optimizer, jax.random.key(0))
     whole, whole_metrics = jax.jit(train_step_fn(model, optimizer, next_token_loss))(state, tokens)
     accumulated, metrics = jax.jit(train_step_fn(model, optimizer, next_token_loss, accumulation_steps=4))(
         state, tokens

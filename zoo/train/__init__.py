@@ -6,9 +6,10 @@ from zoo.train.steps import (
     eval_step_fn,
     learning_rate,
     next_token_loss,
+    train_state,
     train_step_fn,
 )
 
 __all__ = [
-    "adamw", "classification_loss", "eval_step_fn", "learning_rate", "next_token_loss", "train_step_fn",
+    "adamw", "classification_loss", "eval_step_fn", "learning_rate", "next_token_loss", "train_state", "train_step_fn",
 ]

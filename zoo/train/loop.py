@@ -27,7 +27,7 @@ from tqdm import tqdm
 from zoo import sharding
 from zoo.checkpoint import Checkpointer, PreemptionGuard
 from zoo.train.metrics import MetricsWriter, device_peak_flops
-from zoo.train.steps import eval_step_fn, train_step_fn
+from zoo.train.steps import eval_step_fn, train_state, train_step_fn
 
 
 @dataclasses.dataclass
@@ -97,11 +97,7 @@ def _state_shardings(task: Task, optimizer: optax.GradientTransformation, mesh: 
 def _initial_state(init_params, optimizer, shardings, rng: jax.Array) -> dict:
     """A fresh state built directly in its shardings: no array is ever whole on one device."""
 
-    def init(key):
-        params = nn.unbox(init_params(key))
-        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
-                "rng": jax.random.key_data(key)}
-
+    init = lambda key: train_state(nn.unbox(init_params(key)), optimizer, key)  # noqa: E731
     return jax.jit(init, out_shardings=shardings)(rng)
 
 

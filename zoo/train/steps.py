@@ -54,6 +54,12 @@ def classification_loss(model: nn.Module, params: Any, batch: dict, **apply_kwar
     return loss, (jnp.argmax(logits, -1) == batch["label"]).mean()
 
 
+def train_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
+    """The state a train step carries: params, optimizer state, step 0 and the run's key data."""
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(rng)}
+
+
 def _losses(loss_fn: Callable, model: nn.Module, params: Any, batch: Any, **kwargs: Any) -> tuple:
     """(loss, accuracy), accuracy None where the loss function reports none."""
     out = loss_fn(model, params, batch, **kwargs)
