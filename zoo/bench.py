@@ -28,7 +28,7 @@ from zoo import sharding
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.models.vit import ViT, ViTConfig
 from zoo.train.metrics import device_peak_flops, gpt_flops_per_token, vit_flops_per_image
-from zoo.train.steps import adamw, classification_loss, next_token_loss, train_step_fn
+from zoo.train.steps import adamw, classification_loss, next_token_loss, train_state, train_step_fn
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
@@ -213,12 +213,9 @@ def compile_train_step(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
 
 def _initial_state(step: CompiledStep, seed: int) -> dict:
     """A fresh train state built directly in the step's shardings."""
-    work, optimizer = step.work, step.optimizer
 
     def init(key: jax.Array) -> dict:
-        params = nn.unbox(work.model.init(key, work.example_input)["params"])
-        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
-                "rng": jax.random.key_data(key)}
+        return train_state(nn.unbox(step.work.model.init(key, step.work.example_input)["params"]), step.optimizer, key)
 
     with sharding.sharding_context(step.mesh):
         return jax.jit(init, out_shardings=step.shardings)(jax.random.key(seed))
