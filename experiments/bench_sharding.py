@@ -2,6 +2,8 @@
 
     python experiments/bench_sharding.py --preset gpt2-small --set num_layers=2 [--layouts dp fsdp]
         [--batch 8] [--repeats 3] [--chip tpu-v5e] [--json PATH] [--plot PATH]
+    JAX_PLATFORMS=cpu python experiments/bench_sharding.py --topology v5p:8x8x8 --preset gpt3-175b \
+        --layouts fsdp fsdp_tp --batch 512 --set remat=full
 
 Each row compiles the step (GPT-3's AdamW, as the experiments train) on a mesh of every available
 device, then times it: one warm-up step, then the median of --repeats steps on random inputs.
@@ -12,6 +14,11 @@ the devices, the batch, the heads, d_ff or the vocabulary are skipped with a not
 zoo.bench's roofline: the step time the chip's peak FLOP/s, HBM and interconnect bandwidth allow for
 each device's model FLOPs, bytes accessed (of the program compiled here) and collective bytes. On one CPU, simulate devices with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 and shrink the model with --set.
+
+--topology (AOT mode, needs libtpu: pip install "zoo[tpu]") compiles the step for the abstract
+chips of a TPU topology such as v5e:2x2, v4:4x4x4 or v5p:8x8x8 without a TPU and runs nothing:
+per-chip memory against the chip's HBM (fits), XLA's FLOPs and bytes accessed, collectives, and
+the roofline step time and MFU on the chip the topology names.
 """
 
 from __future__ import annotations
@@ -49,9 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per layout (median reported)")
     parser.add_argument("--chip", choices=list(bench.CHIPS),
                         help="also predict each layout's step time and MFU on this chip by the roofline")
+    parser.add_argument("--topology", metavar="NAME",
+                        help="compile ahead of time for this TPU topology's chips (e.g. v5p:8x8x8) instead of running")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--plot", metavar="PATH", help="also draw step time and per-device memory as a PNG")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.topology and (args.chip or args.plot):
+        parser.error("--topology names its chip and times nothing: drop --chip and --plot")
+    return args
 
 
 def model_config(preset: str, assignments: list[str]) -> GPTConfig | ViTConfig:
@@ -60,10 +72,10 @@ def model_config(preset: str, assignments: list[str]) -> GPTConfig | ViTConfig:
     return configs.override(base, assignments)
 
 
-def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int) -> str | None:
-    """Why `layout` cannot run this model and batch on the available devices (None: it can)."""
+def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int, devices: list | None = None) -> str | None:
+    """Why `layout` cannot run this model and batch on `devices` (default: the available ones; None: it can)."""
     try:
-        mesh = sharding.mesh_for(layout)
+        mesh = sharding.mesh_for(layout, devices)
     except ValueError as error:
         return str(error)
     batch_shards, tensor = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"]
@@ -76,13 +88,15 @@ def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int) -> str | None:
     return f"mesh {dict(mesh.shape)}: {'; '.join(bad)}" if bad else None
 
 
-def measure(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int) -> dict:
-    """One layout's row, or a note of why it was skipped."""
-    reason = misfit(cfg, layout, batch)
+def measure(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int, topology: str | None) -> dict:
+    """One layout's row (compiled for `topology`'s chips when given, else run here), or a note of why it was skipped."""
+    reason = misfit(cfg, layout, batch, bench.topology_devices(topology) if topology else None)
     if reason:
         return {"layout": layout, "skipped": reason}
-    print(f"measuring {layout}", file=sys.stderr, flush=True)
+    print(f"{'compiling' if topology else 'measuring'} {layout}", file=sys.stderr, flush=True)
     try:
+        if topology:
+            return bench.aot_layout(cfg, layout, batch, topology)
         return bench.measure_layout(cfg, layout, batch, repeats)
     except ValueError as error:  # e.g. a dimension the rules shard that the mesh does not divide
         return {"layout": layout, "skipped": str(error).splitlines()[0]}
@@ -127,6 +141,31 @@ def table(rows: list[dict], item_name: str, chip: str | None) -> str:
     return markdown_table(header, cells)
 
 
+def gib(value: float | None) -> float | None:
+    """Bytes as GiB (None stays None)."""
+    return None if value is None else value / 2**30
+
+
+def aot_table(rows: list[dict]) -> str:
+    """Rows compiled for a topology's chips as a markdown table: per-chip memory against HBM, cost,
+    collectives and the roofline."""
+    chip = rows[0]["chip"]
+    header = ["layout", "mesh (data, fsdp, tensor)", "compile (s)", "args (GiB)", "temps (GiB)", "outputs (GiB)",
+              "peak (GiB)", f"fits {gib(rows[0]['hbm_bytes']):.0f} GiB", "XLA TFLOPs", "GB accessed",
+              "collectives (count × MiB)", f"{chip} roofline (ms)", f"{chip} MFU bound"]
+    cells = []
+    for row in rows:
+        mem, flops, accessed = row["memory"], row["cost"]["flops"], row["cost"]["bytes_accessed"]
+        step_s = row["predicted"]["step_s"]
+        cells.append([row["layout"], ", ".join(map(str, row["mesh"].values())), fmt(row["compile_s"]),
+                      fmt(gib(mem["argument_bytes"])), fmt(gib(mem["temp_bytes"])), fmt(gib(mem["output_bytes"])),
+                      fmt(gib(row["peak_bytes"])), {True: "yes", False: "NO", None: "n/a"}[row["fits"]],
+                      fmt(None if flops is None else flops / 1e12), fmt(None if accessed is None else accessed / 1e9),
+                      collective_cell(row["collectives"]), fmt(None if step_s is None else 1e3 * step_s, 3),
+                      fmt(row["predicted"]["mfu"], 3)])
+    return markdown_table(header, cells)
+
+
 def plot(rows: list[dict], path: str) -> None:
     """Bar charts of step time and per-device memory per layout: arguments, temps, and the outputs
     beyond those that reuse donated arguments' buffers."""
@@ -160,16 +199,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = model_config(args.preset, args.set)
     item_name = "tokens" if isinstance(cfg, GPTConfig) else "images"
-    config = {"preset": args.preset, "overrides": args.set, "batch": args.batch, "repeats": args.repeats,
-              "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-              "devices": jax.device_count()}
+    config = {"preset": args.preset, "overrides": args.set, "batch": args.batch}
+    if args.topology:
+        config |= {"topology": args.topology, "chip": bench.topology_chip(args.topology),
+                   "devices": len(bench.topology_devices(args.topology))}
+    else:
+        config |= {"repeats": args.repeats, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                   "devices": jax.device_count()}
     print("\n".join(f"- {key}: {value}" for key, value in config.items()), end="\n\n", flush=True)
-    results = [measure(cfg, layout, args.batch, args.repeats) for layout in args.layouts]
+    results = [measure(cfg, layout, args.batch, args.repeats, args.topology) for layout in args.layouts]
     rows = [row for row in results if "skipped" not in row]
     for row in rows if args.chip else []:
         row["predicted"] = bench.predict(row, args.chip)
     if rows:
-        print(table(rows, item_name, args.chip))
+        print(aot_table(rows) if args.topology else table(rows, item_name, args.chip))
     for row in results:
         if "skipped" in row:
             print(f"\nskipped {row['layout']}: {row['skipped']}")

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from zoo import bench, configs
@@ -139,8 +140,25 @@ def test_layouts_that_do_not_fit_are_explained():
     assert "devices" in script.misfit(cfg, "data=3", 8)
 
 
+def test_topology_chip_is_read_from_the_name():
+    assert bench.topology_chip("v5p:8x8x8") == "tpu-v5p" and bench.topology_chip("v5e:2x2") == "tpu-v5e"
+    with pytest.raises(ValueError, match="no figures"):
+        bench.topology_chip("v9:2x2")
+
+
+def test_peak_memory_counts_outputs_beyond_donated_buffers():
+    mem = {"argument_bytes": 100, "output_bytes": 60, "alias_bytes": 50, "temp_bytes": 30, "generated_code_bytes": 5}
+    assert bench.peak_memory(mem) == 100 + 30 + 10 + 5
+    assert bench.peak_memory(dict(mem, temp_bytes=None)) is None
+
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="AOT compilation for TPU topologies needs libtpu: pip install 'zoo[tpu]'")
+
+
 def run(*args: str) -> str:
-    env = {"JAX_PLATFORMS": "cpu", "PATH": "", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # AOT compiles touch no TPU: tolerate another libtpu user
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_sharding.py"), *args],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -149,7 +167,8 @@ def run(*args: str) -> str:
 
 def test_help_lists_the_flags():
     out = run("--help")
-    assert all(flag in out for flag in ("--preset", "--set", "--layouts", "--batch", "--repeats", "--json", "--plot"))
+    assert all(flag in out for flag in ("--preset", "--set", "--layouts", "--batch", "--repeats", "--json", "--plot",
+                                       "--topology"))
 
 
 def test_tiny_run_reports_every_layout(tmp_path):
@@ -168,3 +187,20 @@ def test_tiny_run_reports_every_layout(tmp_path):
     assert rows["fsdp"]["collectives"]["all-gather"]["count"] >= 1  # params gathered from their shards
     assert rows["dp"]["memory"]["argument_bytes"] > rows["fsdp"]["memory"]["argument_bytes"]  # state sharded
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+@needs_libtpu
+def test_aot_run_on_a_v5e_topology(tmp_path):
+    out = run(*TINY, "--batch", "8", "--layouts", "dp", "fsdp", "--topology", "v5e:2x2",
+              "--json", str(tmp_path / "a.json"))
+    rows = {row["layout"]: row for row in json.loads((tmp_path / "a.json").read_text())["rows"]}
+    assert set(rows) == {"dp", "fsdp"} and "tpu-v5e roofline" in out and "fits 16 GiB" in out
+    assert rows["dp"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert rows["fsdp"]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    for row in rows.values():
+        assert row["chip"] == "tpu-v5e" and row["fits"] is True and 0 < row["peak_bytes"] <= row["hbm_bytes"]
+        assert row["memory"]["argument_bytes"] > 0 and row["cost"]["flops"] > 0
+        assert 0 < row["predicted"]["mfu"] <= 1 and row["predicted"]["step_s"] > 0
+    assert rows["dp"]["collectives"]["all-reduce"]["count"] >= 1
+    assert rows["fsdp"]["collectives"]["all-gather"]["count"] >= 1
+    assert rows["dp"]["memory"]["argument_bytes"] > rows["fsdp"]["memory"]["argument_bytes"]

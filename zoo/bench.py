@@ -15,7 +15,7 @@ import re
 import statistics
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -192,10 +192,12 @@ class CompiledStep:
 
 
 def compile_train_step(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
-                       optimizer: optax.GradientTransformation | None = None) -> CompiledStep:
+                       optimizer: optax.GradientTransformation | None = None,
+                       devices: Sequence[Any] | None = None) -> CompiledStep:
     """Lower and compile one train step of `cfg` on the mesh of `layout` (a LAYOUTS name or a spec)
-    from abstract inputs only: nothing is allocated."""
-    mesh = sharding.mesh_for(layout)
+    over `devices` (default: all; abstract TPU chips compile ahead of time) from abstract inputs
+    only: nothing is allocated."""
+    mesh = sharding.mesh_for(layout, devices)
     work = workload(cfg, batch)
     optimizer = optimizer or default_optimizer()
     abstract, shardings = state_shardings(work, optimizer, mesh)
@@ -311,7 +313,7 @@ def predicted_mfu(flops: float, hbm_bytes: float, collective_bytes: float, chip:
 
 
 def predict(row: dict[str, Any], chip: Chip | str) -> dict[str, float | None]:
-    """Roofline step seconds and MFU on `chip` of a `measure_layout` row: its model FLOPs per device,
+    """Roofline step seconds and MFU on `chip` of a `measure_layout` or `aot_layout` row: its model FLOPs per device,
     the compiled program's bytes accessed standing in for HBM traffic, and its collective bytes."""
     hbm_bytes = row["cost"]["bytes_accessed"]
     if hbm_bytes is None:
@@ -319,3 +321,52 @@ def predict(row: dict[str, Any], chip: Chip | str) -> dict[str, float | None]:
     flops, collective_bytes = row["model_flops_per_device"], sum(c["bytes"] for c in row["collectives"].values())
     return {"step_s": roofline(flops, hbm_bytes, collective_bytes, chip),
             "mfu": predicted_mfu(flops, hbm_bytes, collective_bytes, chip)}
+
+
+def topology_chip(topology: str) -> str:
+    """The CHIPS name of a TPU topology such as "v5p:8x8x8" ("tpu-v5p")."""
+    chip = "tpu-" + topology.partition(":")[0].lower()
+    if chip not in CHIPS:
+        raise ValueError(f"topology {topology!r}: no figures for {chip!r}; known chips are {list(CHIPS)}")
+    return chip
+
+
+def topology_devices(topology: str) -> list[Any]:
+    """The abstract chips of a TPU topology such as "v5e:2x2" (needs libtpu, not a TPU)."""
+    from jax.experimental import topologies
+
+    return list(topologies.get_topology_desc(topology, "tpu").devices)
+
+
+def peak_memory(mem: dict[str, int | None]) -> int | None:
+    """Per-device bytes a step holds at its peak: arguments, temps, generated code and the outputs
+    that do not reuse donated arguments' buffers (None without a memory analysis)."""
+    if mem["argument_bytes"] is None or mem["output_bytes"] is None or mem["temp_bytes"] is None:
+        return None
+    return (mem["argument_bytes"] + mem["temp_bytes"] + mem["output_bytes"] - (mem["alias_bytes"] or 0)
+            + (mem["generated_code_bytes"] or 0))
+
+
+def aot_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: str) -> dict[str, Any]:
+    """Compile a train step of `cfg` under `layout` for the abstract chips of a TPU `topology`,
+    running nothing: per-chip memory against the chip's HBM, cost, collectives and the roofline."""
+    chip = topology_chip(topology)
+    step = compile_train_step(cfg, layout, batch, devices=topology_devices(topology))
+    mem = memory(step.compiled)
+    peak = peak_memory(mem)
+    row = {
+        "layout": layout,
+        "mesh": dict(step.mesh.shape),
+        "topology": topology,
+        "chip": chip,
+        "compile_s": step.compile_s,
+        "model_flops_per_device": batch * step.work.flops_per_row / step.mesh.size,
+        "cost": cost(step.compiled),
+        "memory": mem,
+        "peak_bytes": peak,
+        "hbm_bytes": CHIPS[chip].hbm_bytes,
+        "fits": None if peak is None else peak <= CHIPS[chip].hbm_bytes,
+        "collectives": collectives(step.compiled.as_text()),
+    }
+    row["predicted"] = predict(row, chip)
+    return row
