@@ -204,3 +204,12 @@ def test_aot_run_on_a_v5e_topology(tmp_path):
     assert rows["dp"]["collectives"]["all-reduce"]["count"] >= 1
     assert rows["fsdp"]["collectives"]["all-gather"]["count"] >= 1
     assert rows["dp"]["memory"]["argument_bytes"] > rows["fsdp"]["memory"]["argument_bytes"]
+
+
+@needs_libtpu
+def test_layouts_that_do_not_fit_a_topology_are_explained(monkeypatch):
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # as in run(): load libtpu beside another user
+    cfg = configs.gpt("gpt2-small", num_heads=4, d_model=32, d_ff=64, vocab_size=64)
+    devices = bench.topology_devices("v5p:8x8x8")
+    assert _script().misfit(cfg, "fsdp", 512, devices) is None
+    assert "physical mesh" in _script().misfit(cfg, "fsdp_tp", 512, devices)  # tensor=2 splits no 8-chip axis
