@@ -73,6 +73,15 @@ def test_collectives_in_handwritten_hlo():
     assert found["reduce-scatter"] == {"count": 3, "bytes": 3 * 4 * 256 * 2}
 
 
+def test_collectives_in_a_loop_bounded_by_its_condition():
+    hlo = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "").replace(
+        "  ROOT %lt = pred[] constant(true)",
+        "  %n = s32[]{:T(128)} constant(5)\n  %i = s32[] get-tuple-element(%p), index=0\n"
+        "  ROOT %lt = pred[] compare(%i, %n), direction=LT")
+    assert "known_trip_count" not in hlo
+    assert bench.collectives(hlo)["all-gather"] == {"count": 5, "bytes": 5 * 16 * 256 * 2}
+
+
 def test_collectives_in_a_bare_snippet():
     snippet = "  %g = f32[4]{0} all-gather(%x), dimensions={0}\n  %n = f32[4]{0} negate(%g)\n"
     assert bench.collectives(snippet)["all-gather"] == {"count": 1, "bytes": 16}

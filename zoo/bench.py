@@ -3,7 +3,7 @@ and step time, throughput and MFU, and a roofline prediction of the step time on
 
 Collectives are read from the compiled HLO text (`compiled.as_text()`), which is the per-device
 program: bytes are each device's result buffers, and an op in a while loop's body (the scanned
-layers) counts once per iteration where XLA knows the trip count.
+layers) counts once per iteration where XLA knows the trip count or the loop's condition is `i < N`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ _COMPUTATION = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$"
 _CALLEE = re.compile(r"\b(?P<kind>body|calls|to_apply|true_computation|false_computation)=%?(?P<name>[\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{(?P<names>[^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(?P<n>\d+)"')
+_CONDITION = re.compile(r"\bcondition=%?(?P<name>[\w.\-]+)")
+_SCALAR_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((?P<n>\d+)\)")
 
 
 def shape_bytes(shape: str) -> int:
@@ -78,15 +80,32 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     return bodies, entry
 
 
+def _loop_bound(condition: list[str]) -> int | None:
+    """N of a loop condition `i < N` on one scalar constant (None: not of that form)."""
+    constants = [int(m["n"]) for line in condition if (m := _SCALAR_CONSTANT.search(line))]
+    less_than = any("compare(" in line and "direction=LT" in line for line in condition)
+    return constants[0] if len(constants) == 1 and less_than else None
+
+
+def _trip_count(line: str, bodies: dict[str, list[str]]) -> int:
+    """Iterations of the while loop on `line`: XLA's known_trip_count, else the bound of its
+    condition `i < N` (TPU-compiled scans carry no known_trip_count), else 1."""
+    trip = _TRIP_COUNT.search(line)
+    if trip:
+        return int(trip["n"])
+    condition = _CONDITION.search(line)
+    return (condition and _loop_bound(bodies.get(condition["name"], []))) or 1
+
+
 def _multipliers(bodies: dict[str, list[str]], entry: str | None) -> Callable[[str], int]:
     """How many times each computation runs per call of the program: a while body its known trip
     count times per run of its caller; computations nothing calls run once."""
     callers: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for name, lines in bodies.items():
         for line in lines:
-            trip = _TRIP_COUNT.search(line)
+            trip = _trip_count(line, bodies)
             for callee in _CALLEE.finditer(line):
-                callers[callee["name"]].append((name, int(trip["n"]) if trip and callee["kind"] == "body" else 1))
+                callers[callee["name"]].append((name, trip if callee["kind"] == "body" else 1))
             for branches in _BRANCHES.finditer(line):
                 for callee in branches["names"].split(","):
                     callers[callee.strip().lstrip("%")].append((name, 1))
