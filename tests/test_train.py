@@ -32,12 +32,17 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     assert float(schedule(0)) == 0 and float(schedule(10)) == 1 and abs(float(schedule(100)) - 0.1) < 1e-6
 
 
-def test_train_step_learns_a_repeated_batch_and_reports_what_it_did():
+def tiny_run(rows: int, seed: int, optimizer: optax.GradientTransformation):
+    """A tiny GPT, a batch of `rows` token rows, and a fresh train state."""
     model = zoo.GPT(CFG)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 13, (4, 9)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 13, (rows, 9)), jnp.int32)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"])
+    return model, tokens, params, train_state(params, optimizer, jax.random.key(0))
+
+
+def test_train_step_learns_a_repeated_batch_and_reports_what_it_did():
     optimizer = adamw(1e-2, total_steps=30, warmup_steps=2)
-    state = train_state(params, optimizer, jax.random.key(0))
+    model, tokens, params, state = tiny_run(4, 0, optimizer)
     step = jax.jit(train_step_fn(model, optimizer, next_token_loss))
     evaluate = jax.jit(eval_step_fn(model, next_token_loss))
     before = float(evaluate(params, tokens)["loss"])
@@ -50,11 +55,8 @@ def test_train_step_learns_a_repeated_batch_and_reports_what_it_did():
 
 
 def test_gradient_accumulation_equals_the_whole_batch():
-    model = zoo.GPT(CFG)
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 13, (8, 9)), jnp.int32)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"])
     optimizer = adamw(1e-2, total_steps=10, warmup_steps=0)
-    state = train_state(params, optimizer, jax.random.key(0))
+    model, tokens, _, state = tiny_run(8, 1, optimizer)
     whole, whole_metrics = jax.jit(train_step_fn(model, optimizer, next_token_loss))(state, tokens)
     accumulated, metrics = jax.jit(train_step_fn(model, optimizer, next_token_loss, accumulation_steps=4))(
         state, tokens
