@@ -10,15 +10,19 @@ device, then times it: one warm-up step, then the median of --repeats steps on r
 Memory is XLA's per-device compile-time analysis (arguments, outputs, temps); collectives are
 counted in the compiled HLO (ops run per step, MiB of their per-device results). MFU divides
 model FLOPs by the devices' peak (measured by a matmul on CPU). Layouts whose axes do not divide
-the devices, the batch, the heads, d_ff or the vocabulary are skipped with a note. --chip adds
-zoo.bench's roofline: the step time the chip's peak FLOP/s, HBM and interconnect bandwidth allow for
-each device's model FLOPs, bytes accessed (of the program compiled here) and collective bytes. On one CPU, simulate devices with
-XLA_FLAGS=--xla_force_host_platform_device_count=8 and shrink the model with --set.
+the devices, the batch, the heads, d_ff or the vocabulary are skipped with a note. On one CPU,
+simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=8 and shrink the model
+with --set.
+
+--chip adds zoo.bench's roofline for that chip: the whole step's XLA FLOPs (recomputation
+included) at the chip's peak, its bytes accessed at HBM bandwidth and its collectives' link bytes
+(ring algorithms) at interconnect bandwidth; the slowest bounds the step, and model FLOPs over
+that step time at peak is the MFU it allows.
 
 --topology (AOT mode, needs libtpu: pip install "zoo[tpu]") compiles the step for the abstract
 chips of a TPU topology such as v5e:2x2, v4:4x4x4 or v5p:8x8x8 without a TPU and runs nothing:
-per-chip memory against the chip's HBM (fits), XLA's FLOPs and bytes accessed, collectives, and
-the roofline step time and MFU on the chip the topology names.
+per-chip memory against the chip's HBM (fits), the step's cost and collectives, and the roofline
+on the chip the topology names.
 """
 
 from __future__ import annotations
@@ -134,11 +138,16 @@ def table(rows: list[dict], item_name: str, chip: str | None) -> str:
               fmt(mib(row["memory"]["argument_bytes"])), fmt(mib(row["memory"]["temp_bytes"])),
               fmt(mib(row["memory"]["output_bytes"])), collective_cell(row["collectives"])] for row in rows]
     if chip:
-        header += [f"{chip} roofline (ms)", f"{chip} MFU bound"]
+        header += [f"{chip} roofline (ms)", "bound by", f"{chip} MFU bound"]
         for cell, row in zip(cells, rows):
-            step_s = row["predicted"]["step_s"]
-            cell += [fmt(None if step_s is None else 1e3 * step_s, 3), fmt(row["predicted"]["mfu"], 3)]
+            predicted = row["predicted"]
+            cell += [fmt(ms(predicted["step_s"]), 3), fmt(predicted["bound"]), fmt(predicted["mfu"], 3)]
     return markdown_table(header, cells)
+
+
+def ms(seconds: float | None) -> float | None:
+    """Seconds as milliseconds (None stays None)."""
+    return None if seconds is None else 1e3 * seconds
 
 
 def gib(value: float | None) -> float | None:
@@ -147,22 +156,24 @@ def gib(value: float | None) -> float | None:
 
 
 def aot_table(rows: list[dict]) -> str:
-    """Rows compiled for a topology's chips as a markdown table: per-chip memory against HBM, cost,
-    collectives and the roofline."""
+    """Rows compiled for a topology's chips as a markdown table: per-chip memory against HBM, the
+    whole step's cost, collectives, and the roofline's time per resource, step time and MFU."""
     chip = rows[0]["chip"]
-    header = ["layout", "mesh (data, fsdp, tensor)", "compile (s)", "args (GiB)", "temps (GiB)", "outputs (GiB)",
-              "peak (GiB)", f"fits {gib(rows[0]['hbm_bytes']):.0f} GiB", "XLA TFLOPs", "GB accessed",
-              "collectives (count × MiB)", f"{chip} roofline (ms)", f"{chip} MFU bound"]
+    header = ["layout", "mesh (data, fsdp, tensor)", "compile (s)", "args (GiB)", "temps (GiB)", "peak (GiB)",
+              f"fits {gib(rows[0]['hbm_bytes']):.0f} GiB", "TFLOPs", "HBM GB", "link GB", "collectives (count × MiB)",
+              "compute (ms)", "HBM (ms)", "ICI (ms)", "step (ms)", "bound by", f"{chip} MFU"]
     cells = []
     for row in rows:
         mem, flops, accessed = row["memory"], row["cost"]["flops"], row["cost"]["bytes_accessed"]
-        step_s = row["predicted"]["step_s"]
-        cells.append([row["layout"], ", ".join(map(str, row["mesh"].values())), fmt(row["compile_s"]),
-                      fmt(gib(mem["argument_bytes"])), fmt(gib(mem["temp_bytes"])), fmt(gib(mem["output_bytes"])),
-                      fmt(gib(row["peak_bytes"])), {True: "yes", False: "NO", None: "n/a"}[row["fits"]],
+        link = sum(c["link_bytes"] for c in row["collectives"].values())
+        predicted = row["predicted"]
+        cells.append([row["layout"], ", ".join(map(str, row["mesh"].values())), fmt(row["compile_s"], 1),
+                      fmt(gib(mem["argument_bytes"])), fmt(gib(mem["temp_bytes"])), fmt(gib(row["peak_bytes"])),
+                      {True: "yes", False: "NO", None: "n/a"}[row["fits"]],
                       fmt(None if flops is None else flops / 1e12), fmt(None if accessed is None else accessed / 1e9),
-                      collective_cell(row["collectives"]), fmt(None if step_s is None else 1e3 * step_s, 3),
-                      fmt(row["predicted"]["mfu"], 3)])
+                      fmt(link / 1e9), collective_cell(row["collectives"]),
+                      *(fmt(ms(predicted[key]), 3) for key in ("compute_s", "memory_s", "interconnect_s", "step_s")),
+                      fmt(predicted["bound"]), fmt(predicted["mfu"], 3)])
     return markdown_table(header, cells)
 
 

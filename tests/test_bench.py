@@ -1,6 +1,7 @@
 """zoo.bench: collectives read from HLO text (hand-written and compiled), memory, the roofline, and
 experiments/bench_sharding.py run end to end on the 8 simulated devices. Machinery only, no timings."""
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -65,12 +66,15 @@ def test_shape_bytes_of_arrays_tuples_and_dtypes():
 
 
 def test_collectives_in_handwritten_hlo():
-    found = bench.collectives(HLO)
-    assert found["all-reduce"] == {"count": 3, "bytes": 4096 + 4096 + (4096 + 128)}  # async pair once, a tuple
-    assert found["collective-permute"] == {"count": 1, "bytes": 4096}  # at -done, not the -start tuple
-    assert found["all-to-all"] == {"count": 1, "bytes": 16}
-    assert found["all-gather"] == {"count": 3, "bytes": 3 * 16 * 256 * 2}  # bf16, 3 loop iterations
-    assert found["reduce-scatter"] == {"count": 3, "bytes": 3 * 4 * 256 * 2}
+    found = bench.collectives(HLO, num_devices=4)
+    # Counted once per async pair, tuples summed; %pair names no groups, so it spans all 4 devices.
+    assert found["all-reduce"] == {"count": 3, "bytes": 4096 + 4096 + (4096 + 128),
+                                   "link_bytes": 4096 + 4096 + 2 * 3 / 4 * (4096 + 128)}
+    assert found["collective-permute"] == {"count": 1, "bytes": 4096, "link_bytes": 4096}  # at -done
+    assert found["all-to-all"] == {"count": 1, "bytes": 16, "link_bytes": 12}
+    assert found["all-gather"] == {"count": 3, "bytes": 3 * 16 * 256 * 2,  # bf16, 3 loop iterations
+                                   "link_bytes": 3 * 3 / 4 * 16 * 256 * 2}
+    assert found["reduce-scatter"] == {"count": 3, "bytes": 3 * 4 * 256 * 2, "link_bytes": 3 * 3 * 4 * 256 * 2}
 
 
 def test_collectives_in_a_loop_bounded_by_its_condition():
@@ -79,13 +83,32 @@ def test_collectives_in_a_loop_bounded_by_its_condition():
         "  %n = s32[]{:T(128)} constant(5)\n  %i = s32[] get-tuple-element(%p), index=0\n"
         "  ROOT %lt = pred[] compare(%i, %n), direction=LT")
     assert "known_trip_count" not in hlo
-    assert bench.collectives(hlo)["all-gather"] == {"count": 5, "bytes": 5 * 16 * 256 * 2}
+    assert bench.collectives(hlo)["all-gather"]["count"] == 5
 
 
 def test_collectives_in_a_bare_snippet():
     snippet = "  %g = f32[4]{0} all-gather(%x), dimensions={0}\n  %n = f32[4]{0} negate(%g)\n"
-    assert bench.collectives(snippet)["all-gather"] == {"count": 1, "bytes": 16}
+    assert bench.collectives(snippet, num_devices=2)["all-gather"] == {"count": 1, "bytes": 16, "link_bytes": 8}
     assert sum(c["count"] for c in bench.collectives(snippet).values()) == 1
+
+
+def test_replica_groups_in_every_spelling():
+    assert bench.group_size("all-gather(%x), replica_groups={{0,1,2},{3,4,5}}, dimensions={0}", 8) == 3
+    assert bench.group_size("all-reduce(%x), replica_groups=[2,4]<=[8], to_apply=%add", 8) == 4
+    assert bench.group_size("all-reduce(%x), replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add", 8) == 2
+    mesh = "all-gather(%p), replica_groups=mesh['axis_0'=4,'axis_1'=2,'axis_2'=8] {'axis_0','axis_2'}, dimensions={1}"
+    assert bench.group_size(mesh, 64) == 32
+    assert bench.group_size("all-reduce(%x), to_apply=%add", 8) == 8  # no groups: every device
+
+
+def test_link_bytes_follow_ring_algorithms():
+    mib = 2**20
+    assert bench.link_bytes("all-reduce", 8 * mib, 8) == 2 * 7 * mib  # reduce-scatter + all-gather
+    assert bench.link_bytes("all-gather", 8 * mib, 8) == 7 * mib  # the 7 shards it lacks
+    assert bench.link_bytes("reduce-scatter", mib, 8) == 7 * mib  # 7 partial shards out
+    assert bench.link_bytes("all-to-all", 8 * mib, 8) == 7 * mib
+    assert bench.link_bytes("collective-permute", mib, 2) == mib
+    assert bench.link_bytes("all-reduce", mib, 1) == 0  # a group of one moves nothing
 
 
 def test_collectives_and_memory_of_a_compiled_sharded_function():
@@ -110,22 +133,37 @@ def test_memory_without_an_analysis():
 
 def test_roofline_takes_the_slowest_resource():
     chip = bench.Chip(peak_flops=100.0, hbm_bytes=1e9, hbm_bandwidth=10.0, ici_bandwidth=1.0)
-    assert bench.roofline(1000, 50, 5, chip) == 10.0  # compute-bound
-    assert bench.roofline(100, 300, 5, chip) == 30.0  # memory-bound
-    assert bench.roofline(100, 50, 20, chip) == 20.0  # interconnect-bound
-    assert bench.predicted_mfu(1000, 200, 5, chip) == 0.5
-    assert bench.predicted_mfu(1000, 0, 0, chip) == 1.0
+    assert bench.roofline(1000, 50, 5, chip) == {"compute_s": 10.0, "memory_s": 5.0, "interconnect_s": 5.0,
+                                                 "step_s": 10.0}
+    assert bench.roofline(100, 300, 5, chip)["step_s"] == 30.0  # memory-bound
+    assert bench.roofline(100, 50, 20, chip)["step_s"] == 20.0  # interconnect-bound
     v5e = bench.CHIPS["tpu-v5e"]
-    assert bench.roofline(v5e.peak_flops, 0, 0, "tpu-v5e") == 1.0
+    assert bench.roofline(v5e.peak_flops, 0, 0, "tpu-v5e")["step_s"] == 1.0
 
 
 def test_predict_from_a_measured_row():
     chip = bench.Chip(peak_flops=100.0, hbm_bytes=1e9, hbm_bandwidth=10.0, ici_bandwidth=1.0)
-    found = {kind: {"count": 1, "bytes": 2} for kind in bench.COLLECTIVES}
-    row = {"model_flops_per_device": 1000.0, "cost": {"flops": 0.0, "bytes_accessed": 400.0}, "collectives": found}
-    assert bench.predict(row, chip) == {"step_s": 40.0, "mfu": 0.25}
+    found = {kind: {"count": 1, "bytes": 2, "link_bytes": 3.0} for kind in bench.COLLECTIVES}
+    # XLA's FLOPs include recomputation (1333 for 1000 model FLOPs): the MFU bound is below 1.
+    row = {"model_flops_per_device": 1000.0, "cost": {"flops": 1333.0, "bytes_accessed": 40.0}, "collectives": found}
+    predicted = bench.predict(row, chip)
+    assert predicted["bound"] == "interconnect" and predicted["step_s"] == 15.0  # 5 kinds x 3 bytes
+    assert predicted["mfu"] == 1000.0 / 100.0 / 15.0
+    row["cost"]["flops"] = 4000.0
+    assert bench.predict(row, chip)["bound"] == "compute" and bench.predict(row, chip)["mfu"] == 0.25
     row["cost"]["bytes_accessed"] = None
-    assert bench.predict(row, chip) == {"step_s": None, "mfu": None}
+    assert set(bench.predict(row, chip).values()) == {None}
+
+
+def test_step_cost_counts_every_layer_that_the_layer_loop_hides():
+    cfg = configs.gpt("gpt3-small", num_layers=6, d_model=32, num_heads=4, d_ff=64, context_length=16,
+                      vocab_size=64, window=8, remat="full")
+    looped = bench.cost(bench.compile_train_step(cfg, "fsdp", 8).compiled)
+    unrolled = bench.cost(bench.compile_train_step(dataclasses.replace(cfg, scan_unroll=3), "fsdp", 8).compiled)
+    whole = bench.step_cost(cfg, "fsdp", 8)
+    assert looped["flops"] < 0.5 * unrolled["flops"]  # XLA counts the loop's body once
+    assert whole["flops"] == pytest.approx(unrolled["flops"], rel=1e-3)
+    assert whole["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.05)
 
 
 def test_every_chip_has_positive_figures():
@@ -192,7 +230,9 @@ def test_tiny_run_reports_every_layout(tmp_path):
         assert row["step_s"] > 0 and row["compile_s"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] > 0
         assert set(row["collectives"]) == set(bench.COLLECTIVES)
         assert row["predicted"]["step_s"] > 0 and 0 < row["predicted"]["mfu"] <= 1
+        assert row["cost"]["flops"] > row["model_flops_per_device"]  # the whole step, optimizer included
     assert rows["dp"]["collectives"]["all-reduce"]["count"] >= 1  # gradients summed over replicas
+    assert rows["dp"]["collectives"]["all-reduce"]["link_bytes"] > 0
     assert rows["fsdp"]["collectives"]["all-gather"]["count"] >= 1  # params gathered from their shards
     assert rows["dp"]["memory"]["argument_bytes"] > rows["fsdp"]["memory"]["argument_bytes"]  # state sharded
     assert (tmp_path / "b.png").stat().st_size > 0
@@ -203,15 +243,16 @@ def test_aot_run_on_a_v5e_topology(tmp_path):
     out = run(*TINY, "--batch", "8", "--layouts", "dp", "fsdp", "--topology", "v5e:2x2",
               "--json", str(tmp_path / "a.json"))
     rows = {row["layout"]: row for row in json.loads((tmp_path / "a.json").read_text())["rows"]}
-    assert set(rows) == {"dp", "fsdp"} and "tpu-v5e roofline" in out and "fits 16 GiB" in out
+    assert set(rows) == {"dp", "fsdp"} and "tpu-v5e MFU" in out and "fits 16 GiB" in out
     assert rows["dp"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
     assert rows["fsdp"]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     for row in rows.values():
         assert row["chip"] == "tpu-v5e" and row["fits"] is True and 0 < row["peak_bytes"] <= row["hbm_bytes"]
         assert row["memory"]["argument_bytes"] > 0 and row["cost"]["flops"] > 0
         assert 0 < row["predicted"]["mfu"] <= 1 and row["predicted"]["step_s"] > 0
+        assert row["predicted"]["bound"] in ("compute", "memory", "interconnect")
     assert rows["dp"]["collectives"]["all-reduce"]["count"] >= 1
-    assert rows["fsdp"]["collectives"]["all-gather"]["count"] >= 1
+    assert rows["fsdp"]["collectives"]["all-gather"]["link_bytes"] > 0
     assert rows["dp"]["memory"]["argument_bytes"] > rows["fsdp"]["memory"]["argument_bytes"]
 
 

@@ -79,6 +79,7 @@ def test_unknown_override_suggests_near_matches():
         (dict(activation="relu"), "activation='relu'"),
         (dict(dtype="float42"), "dtype='float42'"),
         (dict(remat="some"), "remat='some'"),
+        (dict(scan_unroll=0), "scan_unroll=0 must be >= 1"),
     ],
 )
 def test_bad_gpt_configs_name_the_field(fields, message):

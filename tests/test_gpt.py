@@ -90,6 +90,16 @@ def test_depth_is_scanned_so_the_program_does_not_grow_with_layers():
     assert program_size(2) == program_size(16)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolling_the_layer_loop_changes_the_program_not_the_model(tiny, tiny_grads, remat):
+    unrolled = dataclasses.replace(TINY, scan_unroll=2, remat=remat)  # both repetitions of the pattern: no loop
+    params, tokens = tiny
+    assert jax.tree.structure(init(unrolled)[0]) == jax.tree.structure(params)
+    np.testing.assert_allclose(logits_fn(unrolled)(params, tokens), logits_fn(TINY)(params, tokens), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(nn.unbox(tiny_grads)), jax.tree.leaves(nn.unbox(loss_grads(unrolled, *tiny)))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_every_parameter_has_logical_axis_names(tiny):
     params, _ = tiny
     specs = nn.get_partition_spec(params)

@@ -4,6 +4,7 @@ and step time, throughput and MFU, and a roofline prediction of the step time on
 Collectives are read from the compiled HLO text (`compiled.as_text()`), which is the per-device
 program: bytes are each device's result buffers, and an op in a while loop's body (the scanned
 layers) counts once per iteration where XLA knows the trip count or the loop's condition is `i < N`.
+XLA's cost analysis, by contrast, counts a loop body once: `step_cost` works around that.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ DTYPE_BYTES = {
 }
 
 # `%name = SHAPE opcode(`, SHAPE an array shape or a (nested) tuple of them.
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+(?P<op>[a-z][\w\-]*)\(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+(?P<op>[a-z][\w\-]*)\(")
 _ARRAY = re.compile(r"\b(?P<dtype>[a-z]+\d*(?:e\d+m\d+\w*)?)\[(?P<dims>[\d,]*)\]")
 _COMPUTATION = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 _CALLEE = re.compile(r"\b(?P<kind>body|calls|to_apply|true_computation|false_computation)=%?(?P<name>[\w.\-]+)")
@@ -47,6 +48,11 @@ _BRANCHES = re.compile(r"branch_computations=\{(?P<names>[^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(?P<n>\d+)"')
 _CONDITION = re.compile(r"\bcondition=%?(?P<name>[\w.\-]+)")
 _SCALAR_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((?P<n>\d+)\)")
+_OPERAND = re.compile(r"\(%?(?P<name>[\w.\-]+)")
+# Replica groups, three spellings: {{0,1,2,3},{4,5,6,7}}; iota [groups,size]<=[devices]; mesh['a'=4,'b'=2] {'a'}.
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(?P<dims>[\d,]+)\]<=")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<over>[^}]*)\}")
 
 
 def shape_bytes(shape: str) -> int:
@@ -119,19 +125,50 @@ def _multipliers(bodies: dict[str, list[str]], entry: str | None) -> Callable[[s
     return times
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {"count", "bytes"}} of every collective in compiled HLO text, for each kind in
-    COLLECTIVES: ops executed per run of the program and the bytes of their results."""
+def group_size(line: str, num_devices: int) -> int:
+    """Devices in each replica group of the collective on `line` (all `num_devices` when it names none)."""
+    if listed := _GROUPS_LIST.search(line):
+        return len(listed["first"].split(","))
+    if iota := _GROUPS_IOTA.search(line):
+        return int(iota["dims"].split(",")[-1])
+    if mesh := _GROUPS_MESH.search(line):
+        sizes = {name.strip(" '"): int(size) for name, size in (axis.split("=") for axis in mesh["axes"].split(","))}
+        return math.prod(sizes[name.strip(" '")] for name in mesh["over"].split(",") if name.strip())
+    return num_devices
+
+
+def link_bytes(kind: str, result_bytes: int, group: int) -> float:
+    """Bytes one device sends over its links for a collective of `kind` in a group of `group` devices,
+    by bandwidth-optimal (ring) algorithms: a gather or all-to-all moves the (n-1)/n of the result it
+    lacks, a reduce-scatter n-1 result-sized shards, an all-reduce both (2(n-1)/n), a permute it all."""
+    if kind == "collective-permute":
+        return result_bytes
+    share = (group - 1) / group
+    return result_bytes * {"all-gather": share, "all-to-all": share, "all-reduce": 2 * share,
+                           "reduce-scatter": group - 1}[kind]
+
+
+def collectives(hlo_text: str, num_devices: int = 1) -> dict[str, dict[str, float]]:
+    """{kind: {"count", "bytes", "link_bytes"}} of every collective in compiled HLO text, for each kind
+    in COLLECTIVES: ops executed per run of the program, the bytes of their results, and the bytes
+    each device sends for them (`link_bytes`; a collective naming no replica groups spans
+    `num_devices`). An async pair counts once, with the groups its -start names."""
     bodies, entry = _computations(hlo_text)
     times = _multipliers(bodies, entry)
-    found = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    by_name = {m["name"]: line for lines in bodies.values() for line in lines if (m := _INSTRUCTION.match(line))}
+    found = {kind: {"count": 0, "bytes": 0, "link_bytes": 0.0} for kind in COLLECTIVES}
     for name, lines in bodies.items():
         for line in lines:
             instruction = _INSTRUCTION.match(line)
             kind = instruction and _collective(instruction["op"])
-            if kind:
-                found[kind]["count"] += times(name)
-                found[kind]["bytes"] += times(name) * shape_bytes(instruction["shape"])
+            if not kind:
+                continue
+            start = _OPERAND.search(line, instruction.end() - 1) if instruction["op"].endswith("-done") else None
+            groups_line = by_name.get(start["name"], line) if start else line
+            size = shape_bytes(instruction["shape"])
+            found[kind]["count"] += times(name)
+            found[kind]["bytes"] += times(name) * size
+            found[kind]["link_bytes"] += times(name) * link_bytes(kind, size, group_size(groups_line, num_devices))
     return found
 
 
@@ -232,6 +269,27 @@ def compile_train_step(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
     return CompiledStep(compiled, time.perf_counter() - start, mesh, work, optimizer, shardings, batch_sharding)
 
 
+def step_cost(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
+              optimizer: optax.GradientTransformation | None = None,
+              devices: Sequence[Any] | None = None) -> dict[str, float | None]:
+    """XLA's per-device FLOPs and bytes accessed for a whole train step. XLA's cost analysis counts a
+    loop's body once, which would hide all layers but one behind the layer scan; so the models one
+    and two scan steps deep are compiled without a loop and their cost extrapolated over the depth
+    (every scan step costs the same)."""
+    period = len(cfg.attention_pattern) if isinstance(cfg, GPTConfig) else 1
+    steps = cfg.num_layers // period
+
+    def cost_at(depth: int) -> dict[str, float | None]:
+        shallow = dataclasses.replace(cfg, num_layers=depth * period, scan_unroll=depth)
+        return cost(compile_train_step(shallow, layout, batch, optimizer, devices).compiled)
+
+    one = cost_at(1)
+    if steps == 1 or None in one.values():
+        return one
+    two = cost_at(2)
+    return {key: one[key] + (steps - 1) * (two[key] - one[key]) for key in one}
+
+
 def _initial_state(step: CompiledStep, seed: int) -> dict:
     """A fresh train state built directly in the step's shardings."""
 
@@ -288,9 +346,9 @@ def measure_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats:
         f"{step.work.item_name}_per_s": rows_per_s * step.work.items_per_row,
         "mfu": rows_per_s * step.work.flops_per_row / (step.mesh.size * peak),
         "model_flops_per_device": batch * step.work.flops_per_row / step.mesh.size,
-        "cost": cost(step.compiled),
+        "cost": step_cost(cfg, layout, batch),
         "memory": memory(step.compiled),
-        "collectives": collectives(step.compiled.as_text()),
+        "collectives": collectives(step.compiled.as_text(), step.mesh.size),
     }
 
 
@@ -307,7 +365,8 @@ class Chip:
 GiB, GB = 2**30, 1e9
 # Sources: Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e;
 # v4's ICI figure is from the v5p page's comparison table; Gbps / 8 = GB/s), NVIDIA's H100 and
-# H200 data sheets (SXM: dense bf16 without sparsity; NVLink 900 GB/s per GPU).
+# H200 data sheets (SXM: dense bf16 without sparsity; NVLink 900 GB/s per GPU). The interconnect
+# figure is a chip's total over all its links, so the roofline assumes collectives use every link.
 CHIPS = {
     "tpu-v4": Chip(275e12, 32 * GiB, 1200 * GB, 2400 / 8 * GB),
     "tpu-v5e": Chip(197e12, 16 * GiB, 819 * GB, 1600 / 8 * GB),
@@ -318,28 +377,26 @@ CHIPS = {
 }
 
 
-def roofline(flops: float, hbm_bytes: float, collective_bytes: float, chip: Chip | str) -> float:
-    """Predicted step seconds on one chip, from its share of the FLOPs, HBM traffic and collective
-    traffic: the slowest of compute, memory and interconnect, as if they overlapped perfectly."""
+def roofline(flops: float, hbm_bytes: float, link_bytes: float, chip: Chip | str) -> dict[str, float]:
+    """Seconds one chip needs for its FLOPs at peak, its HBM traffic and its interconnect traffic,
+    and the step time they allow if they overlap perfectly (the slowest of the three)."""
     chip = CHIPS[chip] if isinstance(chip, str) else chip
-    return max(flops / chip.peak_flops, hbm_bytes / chip.hbm_bandwidth, collective_bytes / chip.ici_bandwidth)
+    times = {"compute_s": flops / chip.peak_flops, "memory_s": hbm_bytes / chip.hbm_bandwidth,
+             "interconnect_s": link_bytes / chip.ici_bandwidth}
+    return times | {"step_s": max(times.values())}
 
 
-def predicted_mfu(flops: float, hbm_bytes: float, collective_bytes: float, chip: Chip | str) -> float:
-    """The MFU the roofline allows: compute time at peak over the predicted step time."""
+def predict(row: dict[str, Any], chip: Chip | str) -> dict[str, float | str | None]:
+    """Roofline times on `chip` of a `measure_layout` or `aot_layout` row (the whole step's XLA FLOPs,
+    rematerialisation included; its bytes accessed as HBM traffic; its collectives' link bytes), the
+    resource that bounds the step, and the MFU it allows: model FLOPs at peak over the step time."""
     chip = CHIPS[chip] if isinstance(chip, str) else chip
-    return flops / chip.peak_flops / roofline(flops, hbm_bytes, collective_bytes, chip)
-
-
-def predict(row: dict[str, Any], chip: Chip | str) -> dict[str, float | None]:
-    """Roofline step seconds and MFU on `chip` of a `measure_layout` or `aot_layout` row: its model FLOPs per device,
-    the compiled program's bytes accessed standing in for HBM traffic, and its collective bytes."""
-    hbm_bytes = row["cost"]["bytes_accessed"]
-    if hbm_bytes is None:
-        return {"step_s": None, "mfu": None}
-    flops, collective_bytes = row["model_flops_per_device"], sum(c["bytes"] for c in row["collectives"].values())
-    return {"step_s": roofline(flops, hbm_bytes, collective_bytes, chip),
-            "mfu": predicted_mfu(flops, hbm_bytes, collective_bytes, chip)}
+    flops, hbm_bytes = row["cost"]["flops"], row["cost"]["bytes_accessed"]
+    if flops is None or hbm_bytes is None:
+        return {"compute_s": None, "memory_s": None, "interconnect_s": None, "step_s": None, "bound": None, "mfu": None}
+    times = roofline(flops, hbm_bytes, sum(c["link_bytes"] for c in row["collectives"].values()), chip)
+    bound = max(("compute", "memory", "interconnect"), key=lambda name: times[f"{name}_s"])
+    return times | {"bound": bound, "mfu": row["model_flops_per_device"] / chip.peak_flops / times["step_s"]}
 
 
 def topology_chip(topology: str) -> str:
@@ -369,8 +426,8 @@ def peak_memory(mem: dict[str, int | None]) -> int | None:
 def aot_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: str) -> dict[str, Any]:
     """Compile a train step of `cfg` under `layout` for the abstract chips of a TPU `topology`,
     running nothing: per-chip memory against the chip's HBM, cost, collectives and the roofline."""
-    chip = topology_chip(topology)
-    step = compile_train_step(cfg, layout, batch, devices=topology_devices(topology))
+    chip, devices = topology_chip(topology), topology_devices(topology)
+    step = compile_train_step(cfg, layout, batch, devices=devices)
     mem = memory(step.compiled)
     peak = peak_memory(mem)
     row = {
@@ -380,12 +437,12 @@ def aot_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: st
         "chip": chip,
         "compile_s": step.compile_s,
         "model_flops_per_device": batch * step.work.flops_per_row / step.mesh.size,
-        "cost": cost(step.compiled),
+        "cost": step_cost(cfg, layout, batch, devices=devices),
         "memory": mem,
         "peak_bytes": peak,
         "hbm_bytes": CHIPS[chip].hbm_bytes,
         "fits": None if peak is None else peak <= CHIPS[chip].hbm_bytes,
-        "collectives": collectives(step.compiled.as_text()),
+        "collectives": collectives(step.compiled.as_text(), step.mesh.size),
     }
     row["predicted"] = predict(row, chip)
     return row

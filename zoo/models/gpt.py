@@ -50,6 +50,7 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
     param_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    scan_unroll: int = 1  # pattern repetitions per iteration of the layer loop; >= their number: no loop
     attention_impl: str | None = None  # None picks the best for the backend (zoo.nn.attention)
 
     def __post_init__(self):
@@ -116,7 +117,7 @@ class GPT(nn.Module):
             cfg.param_dtype,
         )
         num_periods = cfg.num_layers // len(cfg.attention_pattern)
-        self.layers = scan_layers(_Period, num_periods, cfg.remat)(cfg)
+        self.layers = scan_layers(_Period, num_periods, cfg.remat, cfg.scan_unroll)(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         if cfg.final_norm:
             self.final_norm = layer_norm(cfg)

@@ -42,6 +42,7 @@ class ViTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1  # layers per iteration of the layer loop; >= num_layers: no loop
     attention_impl: str | None = None
 
     def __post_init__(self):
@@ -108,7 +109,7 @@ class ViT(nn.Module):
         )
         x = nn.Dropout(cfg.dropout)(x + pos_embed.astype(x.dtype), deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x, _ = scan_layers(_EncoderLayer, cfg.num_layers, cfg.remat)(cfg, name="layers")(x, deterministic)
+        x, _ = scan_layers(_EncoderLayer, cfg.num_layers, cfg.remat, cfg.scan_unroll)(cfg, name="layers")(x, deterministic)
         x = layer_norm(cfg, "final_norm")(x)
         pooled = x[:, 0] if cfg.pooling == "token" else x.mean(axis=1)
         logits = nn.Dense(

@@ -45,6 +45,7 @@ class BlockConfig(Protocol):
     use_bias: bool
     dtype: str
     param_dtype: str
+    scan_unroll: int
     attention_impl: str | None
 
 
@@ -182,6 +183,8 @@ def check_block_config(cfg: BlockConfig) -> None:
         raise ValueError(f"activation={cfg.activation!r}; choose one of {tuple(ACTIVATIONS)}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout={cfg.dropout} must be in [0, 1)")
+    if cfg.scan_unroll < 1:
+        raise ValueError(f"scan_unroll={cfg.scan_unroll} must be >= 1 (layer-scan steps per loop iteration)")
     for field in ("dtype", "param_dtype"):
         try:
             jnp.dtype(getattr(cfg, field))
@@ -189,19 +192,23 @@ def check_block_config(cfg: BlockConfig) -> None:
             raise ValueError(f"{field}={getattr(cfg, field)!r} is not a dtype name such as 'float32' or 'bfloat16'")
 
 
-def scan_layers(period: type[nn.Module], num_periods: int, remat: str) -> type[nn.Module]:
+def scan_layers(period: type[nn.Module], num_periods: int, remat: str, unroll: int = 1) -> type[nn.Module]:
     """Stack `num_periods` copies of a layer group under `nn.scan` (params get a leading
     "layers" axis), so compile time does not grow with depth; optionally rematerialised.
+    `unroll` copies of the period run per loop iteration (>= num_periods: straight-line code).
     The period's call is `(x, deterministic, *broadcast) -> (x, None)`."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; choose one of {tuple(REMAT_POLICIES)}")
     if remat != "none":
-        period = nn.remat(period, policy=REMAT_POLICIES[remat], prevent_cse=False, static_argnums=(2,))
+        # In a loop XLA cannot merge the recomputation into the forward pass; in straight-line code it could.
+        straight_line = unroll >= num_periods
+        period = nn.remat(period, policy=REMAT_POLICIES[remat], prevent_cse=straight_line, static_argnums=(2,))
     return nn.scan(
         period,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast,
         length=num_periods,
+        unroll=unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
