@@ -1,0 +1,33 @@
+"""experiments/bench_vs_pytorch.py end to end at a tiny size: both frameworks train the same model. No timings."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="the interop extra (torch, transformers) is not installed")
+pytest.importorskip("transformers", reason="the interop extra (torch, transformers) is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "num_layers=2", "--set", "d_model=64", "--set", "num_heads=4", "--set", "context_length=16",
+        "--batch", "2", "--warmup", "1", "--steps", "1"]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_vs_pytorch", ROOT / "experiments" / "bench_vs_pytorch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_reports_both_frameworks_on_the_same_model(tmp_path, capsys):
+    _script().main([*TINY, "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert "| zoo (jax.jit)" in out and "| pytorch (eager)" in out and "zoo/pytorch step-time ratio:" in out
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["config"]["model"]["d_ff"] == 4 * 64  # follows d_model when not set
+    zoo, pytorch = result["rows"]
+    assert zoo["tokens_per_s"] > 0 and pytorch["tokens_per_s"] > 0
+    assert zoo["first_loss"] == pytest.approx(pytorch["first_loss"], abs=1e-4)
+    assert len(zoo["losses"]) == len(pytorch["losses"]) == 2
