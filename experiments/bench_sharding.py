@@ -104,6 +104,10 @@ def measure(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int, t
         return bench.measure_layout(cfg, layout, batch, repeats)
     except ValueError as error:  # e.g. a dimension the rules shard that the mesh does not divide
         return {"layout": layout, "skipped": str(error).splitlines()[0]}
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return {"layout": layout, "skipped": f"does not fit: {str(error).splitlines()[0]}"}
 
 
 def fmt(value: float | int | str | None, digits: int = 2) -> str:

@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -254,6 +255,14 @@ def test_aot_run_on_a_v5e_topology(tmp_path):
     assert rows["dp"]["collectives"]["all-reduce"]["count"] >= 1
     assert rows["fsdp"]["collectives"]["all-gather"]["link_bytes"] > 0
     assert rows["dp"]["memory"]["argument_bytes"] > rows["fsdp"]["memory"]["argument_bytes"]
+
+
+@needs_libtpu
+def test_a_layout_too_big_for_the_chips_memory_is_explained():
+    # 1.07G parameters with AdamW: 17 GB replicated (dp) overflow a v5e's 16 GiB; 4.3 GB in fsdp's shards do not.
+    big = ["--set", "vocab_size=262144", "--set", "d_model=4096", "--set", "num_heads=32", "--set", "d_ff=64"]
+    out = run(*TINY, *big, "--batch", "4", "--layouts", "dp", "fsdp", "--topology", "v5e:2x2")
+    assert "skipped dp: does not fit: RESOURCE_EXHAUSTED" in out and re.search(r"fsdp \|\s+1, 4, 1 \|", out)
 
 
 @needs_libtpu
