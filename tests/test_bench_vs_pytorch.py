@@ -24,7 +24,7 @@ def _script():
 def test_tiny_run_reports_both_frameworks_on_the_same_model(tmp_path, capsys):
     _script().main([*TINY, "--json", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
-    assert "| zoo (jax.jit)" in out and "| pytorch (eager)" in out and "zoo/pytorch step-time ratio:" in out
+    assert "| zoo (jax.jit)" in out and "| pytorch (eager)" in out and "zoo/pytorch tokens/s:" in out
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["config"]["model"]["d_ff"] == 4 * 64  # follows d_model when not set
     zoo, pytorch = result["rows"]
