@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zoo import bench, configs
+from zoo import bench, configs, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--preset", "gpt2-small", "--set", "num_layers=1", "--set", "d_model=32", "--set", "num_heads=4",
@@ -266,9 +266,10 @@ def test_a_layout_too_big_for_the_chips_memory_is_explained():
 
 
 @needs_libtpu
-def test_layouts_that_do_not_fit_a_topology_are_explained(monkeypatch):
+def test_a_mesh_axis_that_splits_a_torus_axis(monkeypatch):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # as in run(): load libtpu beside another user
     cfg = configs.gpt("gpt2-small", num_heads=4, d_model=32, d_ff=64, vocab_size=64)
     devices = bench.topology_devices("v5p:8x8x8")
     assert _script().misfit(cfg, "fsdp", 512, devices) is None
-    assert "physical mesh" in _script().misfit(cfg, "fsdp_tp", 512, devices)  # tensor=2 splits no 8-chip axis
+    assert _script().misfit(cfg, "fsdp_tp", 512, devices) is None  # tensor=2 splits one 8-chip axis
+    assert dict(sharding.mesh_for("fsdp_tp", devices).shape) == {"data": 1, "fsdp": 256, "tensor": 2}

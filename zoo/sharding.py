@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 
@@ -61,11 +62,17 @@ def mesh_from_string(spec: str, devices: Sequence[jax.Device] | None = None) -> 
 
     The axes are Auto, not Explicit: the model's logical constraints are hints for the
     partitioner to resolve, whereas Explicit axes would put shardings in every array's type
-    and require them to be spelled out at every op."""
+    and require them to be spelled out at every op. A mesh axis that is no product of a TPU
+    slice's torus axes (tensor=2 on 8x8x8) splits a torus axis."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = _parse_mesh_spec(spec)
     shape = _resolve_sizes(spec, sizes, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:  # the torus cannot be cut along whole axes into this shape
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def _parse_mesh_spec(spec: str) -> dict[str, int]:
