@@ -133,12 +133,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |" for cells in lines)
 
 
+def throughput(per_s: float) -> str:
+    """Items per second: whole numbers from 100 up, two decimals below (a big model on CPU)."""
+    return fmt(per_s, 0 if per_s >= 100 else 2)
+
+
 def table(rows: list[dict], item_name: str, chip: str | None) -> str:
     """The measured rows (and, with a chip, their roofline predictions) as a markdown table."""
     header = ["layout", "mesh (data, fsdp, tensor)", "compile (s)", "step (ms)", f"{item_name}/s", "MFU",
               "args (MiB)", "temps (MiB)", "outputs (MiB)", "collectives (count × MiB)"]
     cells = [[row["layout"], ", ".join(map(str, row["mesh"].values())), fmt(row["compile_s"]),
-              fmt(1e3 * row["step_s"], 1), fmt(row[f"{item_name}_per_s"], 0), fmt(row["mfu"], 4),
+              fmt(1e3 * row["step_s"], 1), throughput(row[f"{item_name}_per_s"]), fmt(row["mfu"], 4),
               fmt(mib(row["memory"]["argument_bytes"])), fmt(mib(row["memory"]["temp_bytes"])),
               fmt(mib(row["memory"]["output_bytes"])), collective_cell(row["collectives"])] for row in rows]
     if chip:
