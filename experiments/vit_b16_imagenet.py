@@ -72,7 +72,7 @@ def pipeline(data: ArrayExamples | SourceExamples, cfg: zoo.ViTConfig, args: arg
 def main() -> None:
     args = parse_args()
     mesh = experiment.start(args)
-    experiment.local_rows(args, mesh)
+    experiment.check_batch(args, mesh)
     cfg = zoo.configs.override(MODEL, args.set)
     train_data, eval_data = examples(args, cfg, "train"), examples(args, cfg, "validation")
     print(f"{len(train_data):,} training and {len(eval_data):,} validation images; mesh {dict(mesh.shape)} over "

@@ -73,7 +73,7 @@ def pipeline(data: ArrayExamples, batch: int, cfg: zoo.ViTConfig, args: argparse
 def main() -> None:
     args = parse_args()
     mesh = experiment.start(args)
-    experiment.local_rows(args, mesh)
+    experiment.check_batch(args, mesh)
     cfg = zoo.configs.override(MODEL, args.set)
     train_data, test_data = examples(args, "train"), examples(args, "test")
     eval_batch = math.gcd(len(test_data), EVAL_BATCH)

@@ -69,16 +69,15 @@ def loop_config(args: argparse.Namespace) -> LoopConfig:
                       checkpoint_every=args.checkpoint_every, accumulation_steps=args.grad_accum)
 
 
-def local_rows(args: argparse.Namespace, mesh: Mesh) -> int:
-    """This process's share of the global batch, which must split over the processes and
-    over the mesh's batch axes (data x fsdp)."""
+def check_batch(args: argparse.Namespace, mesh: Mesh) -> None:
+    """Refuse a global batch that does not split over the processes and over the mesh's batch
+    axes (data x fsdp)."""
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if args.batch % batch_shards or args.batch % jax.process_count():
         raise ValueError(
             f"--batch {args.batch} must be a multiple of data x fsdp = {batch_shards} and of the "
             f"{jax.process_count()} processes"
         )
-    return args.batch // jax.process_count()
 
 
 def add_text_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: str = "runs/data") -> None:
@@ -106,7 +105,7 @@ def run_language_model(args: argparse.Namespace, cfg: GPTConfig, learning_rate: 
     """Train `cfg` (with --set overrides) on the text the flags name, report validation loss
     and print samples; --lr and --warmup override the experiment's defaults."""
     mesh = start(args)
-    local_rows(args, mesh)  # the batch must split over processes and devices
+    check_batch(args, mesh)
     cfg = configs.override(cfg, args.set)
     corpus = _shared(lambda: prepare_corpus(
         args.data_dir, cfg.context_length, args.vocab_size, tfds_name=args.tfds, text_dir=args.text_dir,
