@@ -151,7 +151,7 @@ def train(
         if step != saved_at and checkpointer.save(step, state, {"step": step, "seed": loop.seed}, config, force=force):
             saved_at = step
 
-    with PreemptionGuard() as guard:
+    with PreemptionGuard(sync_every=loop.log_every) as guard:  # polled across processes when we log anyway
         for step in range(start, loop.steps):
             state, metrics = train_step(state, sharding.shard_batch(task.train_batch(step), mesh))
             pending.append(metrics)  # fetched only when logged: no host sync per step
