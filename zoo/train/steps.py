@@ -102,7 +102,7 @@ def train_step_fn(
         compute = value_and_grads if accumulation_steps == 1 else accumulated
         (value, accuracy), grads = compute(state["params"], batch, rng)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        metrics = {**_metrics(value, accuracy), "grad_norm": optax.global_norm(grads),
+        metrics = {**_metrics(value, accuracy), "grad_norm": optax.tree.norm(grads),
                    "lr": learning_rate(opt_state)}
         new_state = {
             "params": optax.apply_updates(state["params"], updates),
