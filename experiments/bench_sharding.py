@@ -92,7 +92,8 @@ def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int, devices: list | 
     return f"mesh {dict(mesh.shape)}: {'; '.join(bad)}" if bad else None
 
 
-def measure(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int, topology: str | None) -> dict:
+def measure(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int, topology: str | None,
+            with_cost: bool) -> dict:
     """One layout's row (compiled for `topology`'s chips when given, else run here), or a note of why it was skipped."""
     reason = misfit(cfg, layout, batch, bench.topology_devices(topology) if topology else None)
     if reason:
@@ -101,7 +102,7 @@ def measure(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int, t
     try:
         if topology:
             return bench.aot_layout(cfg, layout, batch, topology)
-        return bench.measure_layout(cfg, layout, batch, repeats)
+        return bench.measure_layout(cfg, layout, batch, repeats, with_cost)
     except ValueError as error:  # e.g. a dimension the rules shard that the mesh does not divide
         return {"layout": layout, "skipped": str(error).splitlines()[0]}
     except jax.errors.JaxRuntimeError as error:
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         config |= {"repeats": args.repeats, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
                    "devices": jax.device_count()}
     print("\n".join(f"- {key}: {value}" for key, value in config.items()), end="\n\n", flush=True)
-    results = [measure(cfg, layout, args.batch, args.repeats, args.topology) for layout in args.layouts]
+    results = [measure(cfg, layout, args.batch, args.repeats, args.topology, args.chip is not None)
+               for layout in args.layouts]
     rows = [row for row in results if "skipped" not in row]
     for row in rows if args.chip else []:
         row["predicted"] = bench.predict(row, args.chip)

@@ -331,9 +331,11 @@ def time_step(step: CompiledStep, repeats: int, seed: int = 0) -> float:
     return statistics.median(times)
 
 
-def measure_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int = 3) -> dict[str, Any]:
+def measure_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int = 3,
+                   with_cost: bool = False) -> dict[str, Any]:
     """Compile and time a train step of `cfg` under `layout`: compile and step seconds, items/s,
-    MFU, per-device memory and collectives. Real inputs are allocated: small configs only on CPU."""
+    MFU, per-device memory, collectives and, `with_cost` (two more compiles, for `predict`), the
+    whole step's cost. Real inputs are allocated: small configs only on CPU."""
     step = compile_train_step(cfg, layout, batch)
     step_s = time_step(step, repeats)
     rows_per_s = batch / step_s
@@ -346,7 +348,7 @@ def measure_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats:
         f"{step.work.item_name}_per_s": rows_per_s * step.work.items_per_row,
         "mfu": rows_per_s * step.work.flops_per_row / (step.mesh.size * peak),
         "model_flops_per_device": batch * step.work.flops_per_row / step.mesh.size,
-        "cost": step_cost(cfg, layout, batch),
+        "cost": step_cost(cfg, layout, batch) if with_cost else None,
         "memory": memory(step.compiled),
         "collectives": collectives(step.compiled.as_text(), step.mesh.size),
     }
