@@ -1,10 +1,14 @@
 """Attention: every implementation equals the dense masked reference, in values and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
+from zoo import sharding
 from zoo.nn import dot_product_attention as attn
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -114,6 +118,25 @@ def test_splash_kernel_equals_dense_in_interpret_mode():
     for window in (None, 64):
         splash = attn._splash_attention(q, k, v, window=window, interpret=True)
         assert relative_error(splash, attn.dense_attention(q, k, v, window=window)) <= 1e-5
+
+
+@pytest.mark.parametrize("layout, heads, window", [("fsdp_tp", 3, 32), ("dp_tp", 4, None)])
+def test_splash_on_each_shard_equals_dense_in_values_and_gradients(layout, heads, window):
+    """Under a mesh the kernel runs on each device's shard (a Pallas kernel cannot be partitioned
+    automatically): batch over data x fsdp, heads over tensor where they divide (3 heads stay whole
+    on tensor=2, so their gradients are summed right). Pallas interpreter on the 8 CPU devices."""
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    mesh = sharding.mesh_for(layout)
+    q, k, v = random_qkv(4, 128, heads, 64)
+    splash = functools.partial(attn._splash_attention, interpret=True)
+    with sharding.sharding_context(mesh):
+        assert attn._shard_spec(q.shape, mesh.abstract_mesh) == (
+            P(("fsdp",), None, None, None) if heads == 3 else P(("data",), None, ("tensor",), None))
+        sharded = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (q, k, v)]
+        actual = value_and_grads(splash, *sharded, window=window)
+    expected = value_and_grads(attn.dense_attention, q, k, v, window=window)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert relative_error(a, e) <= 1e-5, name
 
 
 def test_banded_memory_grows_linearly_with_length():

@@ -14,6 +14,8 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
+from jax.sharding import PartitionSpec
 
 Implementation = Literal["dense", "banded", "xla", "cudnn", "splash"]
 IMPLEMENTATIONS: tuple[str, ...] = ("dense", "banded", "xla", "cudnn", "splash")
@@ -37,16 +39,15 @@ def attention(
     `window` (causal only) limits each query to the w most recent keys, itself included.
     `key_mask` [B, S] marks valid keys (False = padding); a query that sees no valid key
     outputs 0 (the fused kernels may differ there). `implementation=None` picks the
-    fastest exact implementation available for the backend and the arguments.
+    fastest exact implementation for the target devices (`target_device`) and the arguments.
     """
     _check_arguments(q, k, v, causal, window, key_mask, implementation)
     if implementation is None:
         implementation = choose_implementation(q, causal=causal, window=window, key_mask=key_mask)
-    elif not supports(implementation, q, causal=causal, window=window, key_mask=key_mask):
+    elif reason := unsupported_reason(implementation, q, causal=causal, window=window, key_mask=key_mask):
         raise ValueError(
-            f"implementation={implementation!r} cannot run here: backend={jax.default_backend()!r}, "
-            f"dtype={q.dtype}, shape={q.shape}, causal={causal}, window={window}, "
-            f"key_mask={'given' if key_mask is not None else None}"
+            f"implementation={implementation!r} cannot run here: {reason} (dtype={q.dtype}, shape={q.shape}, "
+            f"causal={causal}, window={window}, key_mask={'given' if key_mask is not None else None})"
         )
     fn = _IMPLEMENTATIONS[implementation]
     return fn(q, k, v, causal=causal, window=window, key_mask=key_mask)
@@ -76,34 +77,60 @@ def _check_arguments(q, k, v, causal, window, key_mask, implementation) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def target_device() -> tuple[str, str]:
+    """(platform, device kind) of the devices the program being traced is compiled for: the active
+    mesh's (so a compile for abstract TPU chips from a CPU host chooses TPU kernels), else the
+    default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform, mesh.abstract_device.device_kind
+    device = jax.devices()[0]
+    return device.platform, device.device_kind
+
+
+def unsupported_reason(
+    implementation: str, q: jax.Array, *, causal: bool, window: int | None, key_mask: jax.Array | None
+) -> str | None:
+    """Why `implementation` cannot compute this attention exactly on the target devices, or None if it can."""
+    platform, device_kind = target_device()
+    head_dim = q.shape[-1]
+    if implementation in ("dense", "xla"):
+        return None
+    if implementation == "banded":
+        return None if window is not None else "banded attention needs a window"
+    if implementation == "cudnn":
+        max_head_dim = 256 if _is_hopper(device_kind) else 128
+        checks = {
+            f"cuDNN runs on GPUs, the target is {platform!r}": platform == "gpu",
+            f"cuDNN needs bfloat16 or float16, got {q.dtype}": q.dtype in (jnp.bfloat16, jnp.float16),
+            f"cuDNN needs a head dim that is a multiple of 8 and at most {max_head_dim}, got {head_dim}":
+                head_dim % 8 == 0 and head_dim <= max_head_dim,
+            "cuDNN here takes no key mask": key_mask is None,
+        }
+    elif implementation == "splash":
+        checks = {
+            f"splash runs on TPUs, the target is {platform!r}": platform == "tpu",
+            "splash here is causal only": causal,
+            "splash here takes no key mask": key_mask is None,
+            f"splash needs a length that is a multiple of 128, got {q.shape[1]}": q.shape[1] % 128 == 0,
+        }
+    else:
+        return f"unknown implementation {implementation!r}"
+    return next((reason for reason, holds in checks.items() if not holds), None)
+
+
 def supports(
     implementation: str, q: jax.Array, *, causal: bool, window: int | None, key_mask: jax.Array | None
 ) -> bool:
-    """Whether `implementation` can compute this attention exactly on the current backend."""
-    backend = jax.default_backend()
-    head_dim = q.shape[-1]
-    if implementation in ("dense", "xla"):
-        return True
-    if implementation == "banded":
-        return window is not None
-    if implementation == "cudnn":
-        return (
-            backend == "gpu"
-            and q.dtype in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0
-            and head_dim <= (256 if _is_hopper() else 128)
-            and key_mask is None
-        )
-    if implementation == "splash":
-        return backend == "tpu" and causal and key_mask is None and q.shape[1] % 128 == 0
-    return False
+    """Whether `implementation` can compute this attention exactly on the target devices."""
+    return unsupported_reason(implementation, q, causal=causal, window=window, key_mask=key_mask) is None
 
 
 def choose_implementation(
     q: jax.Array, *, causal: bool = True, window: int | None = None, key_mask: jax.Array | None = None
 ) -> str:
-    """The fastest exact implementation: the backend's fused kernel when its constraints hold,
-    else blocked banded attention when the band is narrow, else the dense reference."""
+    """The fastest exact implementation: the target devices' fused kernel when its constraints
+    hold, else blocked banded attention when the band is narrow, else the dense reference."""
     for fused in ("cudnn", "splash"):
         if supports(fused, q, causal=causal, window=window, key_mask=key_mask):
             return fused
@@ -114,10 +141,8 @@ def choose_implementation(
     return "dense"
 
 
-@functools.cache
-def _is_hopper() -> bool:
-    kind = jax.devices()[0].device_kind.lower()
-    return any(name in kind for name in ("h100", "h200", "h800", "gh200"))
+def _is_hopper(device_kind: str) -> bool:
+    return any(name in device_kind.lower() for name in ("h100", "h200", "h800", "gh200"))
 
 
 # --------------------------------------------------------------------------------------
@@ -212,11 +237,41 @@ def _xla_attention(q, k, v, *, causal=True, window=None, key_mask=None, implemen
 
 
 def _splash_attention(q, k, v, *, causal=True, window=None, key_mask=None, interpret=False) -> jax.Array:
-    """TPU Pallas splash attention; a lazy `LocalMask` lets it skip tiles outside the band."""
+    """TPU Pallas splash attention, run on each device's shard of the batch and heads."""
+    del causal, key_mask  # checked by `supports`: causal, no key mask
+    kernel = functools.partial(_splash_kernel, window=window, interpret=interpret)
+    return _on_each_shard(kernel, q, k, v)
+
+
+def _on_each_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """`kernel(q, k, v)` on each device's block of [batch, length, heads, head_dim] under the active
+    mesh (a Pallas kernel cannot be partitioned automatically): the batch split as the logical rules
+    split `batch`, the heads as they split `heads`, each only where it divides; the sequence whole.
+    Outside a mesh, on one device, or inside a shard_map already, the kernel runs directly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
+        return kernel(q, k, v)
+    spec = _shard_spec(q.shape, mesh)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _shard_spec(shape: tuple[int, ...], mesh) -> PartitionSpec:
+    """The partition of [batch, length, heads, head_dim] the logical rules give batch and heads on
+    `mesh`, less any mesh axis of size 1 and any dimension its axes do not divide."""
+    logical = nn.logical_to_mesh_axes(("batch", None, "heads", None))
+
+    def axes_for(size: int, entry) -> tuple[str, ...] | None:
+        axes = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a and mesh.shape.get(a, 1) > 1)
+        return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+    return PartitionSpec(*(axes_for(size, entry) for size, entry in zip(shape, logical)))
+
+
+def _splash_kernel(q, k, v, *, window, interpret) -> jax.Array:
+    """The splash kernel on [B, T, H, D]; a lazy `LocalMask` lets it skip tiles outside the band."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
-    del causal, key_mask  # checked by `supports`: causal, no key mask
     length, heads = q.shape[1], q.shape[2]
     shape = (length, length)
     if window is None:
