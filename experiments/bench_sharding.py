@@ -1,7 +1,7 @@
 """Benchmark one train step of a GPT or ViT preset under each sharding layout, as a markdown table.
 
     python experiments/bench_sharding.py --preset gpt2-small --set num_layers=2 [--layouts dp fsdp]
-        [--batch 8] [--repeats 3] [--chip tpu-v5e] [--json PATH] [--plot PATH]
+        [--batch 8] [--grad-accum 1] [--repeats 3] [--chip tpu-v5e] [--json PATH] [--plot PATH]
     JAX_PLATFORMS=cpu python experiments/bench_sharding.py --topology v5p:8x8x8 --preset gpt3-175b \
         --layouts fsdp fsdp_tp --batch 512 --set remat=full
 
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layouts", nargs="+", default=list(sharding.LAYOUTS),
                         help="layout names or mesh specs such as data=2,fsdp=-1")
     parser.add_argument("--batch", type=int, default=8, help="global batch in rows")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per step: the batch's gradient accumulates over this many")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per layout (median reported)")
     parser.add_argument("--chip", choices=list(bench.CHIPS),
                         help="also predict each layout's step time and MFU on this chip by the roofline")
@@ -76,14 +78,18 @@ def model_config(preset: str, assignments: list[str]) -> GPTConfig | ViTConfig:
     return configs.override(base, assignments)
 
 
-def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int, devices: list | None = None) -> str | None:
-    """Why `layout` cannot run this model and batch on `devices` (default: the available ones; None: it can)."""
+def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int, devices: list | None = None,
+           accumulation_steps: int = 1) -> str | None:
+    """Why `layout` cannot run this model and batch (of `accumulation_steps` micro-batches) on `devices`
+    (default: the available ones; None: it can)."""
+    if batch % accumulation_steps:
+        return f"batch={batch} does not split into {accumulation_steps} micro-batches"
     try:
         mesh = sharding.mesh_for(layout, devices)
     except ValueError as error:
         return str(error)
     batch_shards, tensor = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"]
-    sizes = {"batch": (batch, batch_shards, "data x fsdp"), "num_heads": (cfg.num_heads, tensor, "tensor"),
+    sizes = {"micro-batch": (batch // accumulation_steps, batch_shards, "data x fsdp"), "num_heads": (cfg.num_heads, tensor, "tensor"),
              "d_ff": (cfg.d_ff, tensor, "tensor")}
     if isinstance(cfg, GPTConfig):
         sizes["vocab_size"] = (cfg.vocab_size, tensor, "tensor")
@@ -93,16 +99,16 @@ def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int, devices: list | 
 
 
 def measure(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int, topology: str | None,
-            with_cost: bool) -> dict:
+            with_cost: bool, accumulation_steps: int = 1) -> dict:
     """One layout's row (compiled for `topology`'s chips when given, else run here), or a note of why it was skipped."""
-    reason = misfit(cfg, layout, batch, bench.topology_devices(topology) if topology else None)
+    reason = misfit(cfg, layout, batch, bench.topology_devices(topology) if topology else None, accumulation_steps)
     if reason:
         return {"layout": layout, "skipped": reason}
     print(f"{'compiling' if topology else 'measuring'} {layout}", file=sys.stderr, flush=True)
     try:
         if topology:
-            return bench.aot_layout(cfg, layout, batch, topology)
-        return bench.measure_layout(cfg, layout, batch, repeats, with_cost)
+            return bench.aot_layout(cfg, layout, batch, topology, accumulation_steps)
+        return bench.measure_layout(cfg, layout, batch, repeats, with_cost, accumulation_steps)
     except ValueError as error:  # e.g. a dimension the rules shard that the mesh does not divide
         return {"layout": layout, "skipped": str(error).splitlines()[0]}
     except jax.errors.JaxRuntimeError as error:
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = model_config(args.preset, args.set)
     item_name = "tokens" if isinstance(cfg, GPTConfig) else "images"
-    config = {"preset": args.preset, "overrides": args.set, "batch": args.batch}
+    config = {"preset": args.preset, "overrides": args.set, "batch": args.batch, "grad_accum": args.grad_accum}
     if args.topology:
         config |= {"topology": args.topology, "chip": bench.topology_chip(args.topology),
                    "devices": len(bench.topology_devices(args.topology))}
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         config |= {"repeats": args.repeats, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
                    "devices": jax.device_count()}
     print("\n".join(f"- {key}: {value}" for key, value in config.items()), end="\n\n", flush=True)
-    results = [measure(cfg, layout, args.batch, args.repeats, args.topology, args.chip is not None)
+    results = [measure(cfg, layout, args.batch, args.repeats, args.topology, args.chip is not None, args.grad_accum)
                for layout in args.layouts]
     rows = [row for row in results if "skipped" not in row]
     for row in rows if args.chip else []:

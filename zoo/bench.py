@@ -249,10 +249,12 @@ class CompiledStep:
 
 def compile_train_step(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
                        optimizer: optax.GradientTransformation | None = None,
-                       devices: Sequence[Any] | None = None) -> CompiledStep:
+                       devices: Sequence[Any] | None = None, accumulation_steps: int = 1,
+                       unroll_accumulation: bool = False) -> CompiledStep:
     """Lower and compile one train step of `cfg` on the mesh of `layout` (a LAYOUTS name or a spec)
     over `devices` (default: all; abstract TPU chips compile ahead of time) from abstract inputs
-    only: nothing is allocated."""
+    only: nothing is allocated. The batch's gradient may accumulate over `accumulation_steps`
+    micro-batches (the loop unrolled with `unroll_accumulation`)."""
     mesh = sharding.mesh_for(layout, devices)
     work = workload(cfg, batch)
     optimizer = optimizer or default_optimizer()
@@ -261,8 +263,9 @@ def compile_train_step(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
     abstract_batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding),
                                   work.batch)
     replicated = NamedSharding(mesh, PartitionSpec())
-    step = jax.jit(train_step_fn(work.model, optimizer, work.loss_fn), in_shardings=(shardings, batch_sharding),
-                   out_shardings=(shardings, replicated), donate_argnums=0)
+    step_fn = train_step_fn(work.model, optimizer, work.loss_fn, accumulation_steps, unroll_accumulation)
+    step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+                   donate_argnums=0)
     start = time.perf_counter()
     with sharding.sharding_context(mesh):
         compiled = step.lower(abstract, abstract_batch).compile()
@@ -271,23 +274,36 @@ def compile_train_step(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
 
 def step_cost(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
               optimizer: optax.GradientTransformation | None = None,
-              devices: Sequence[Any] | None = None) -> dict[str, float | None]:
+              devices: Sequence[Any] | None = None, accumulation_steps: int = 1) -> dict[str, float | None]:
     """XLA's per-device FLOPs and bytes accessed for a whole train step. XLA's cost analysis counts a
-    loop's body once, which would hide all layers but one behind the layer scan; so the models one
-    and two scan steps deep are compiled without a loop and their cost extrapolated over the depth
-    (every scan step costs the same)."""
+    loop's body once, which would hide all layers but one behind the layer scan (and all micro-batches
+    but one behind gradient accumulation); so shallow models are compiled without loops and their
+    cost extrapolated: one and two scan steps deep give a scan step's cost (every one costs the same),
+    and, with k micro-batches, two unrolled micro-batches give one micro-batch's cost beside the
+    optimizer update's."""
     period = len(cfg.attention_pattern) if isinstance(cfg, GPTConfig) else 1
     steps = cfg.num_layers // period
+    micro = batch // accumulation_steps
 
-    def cost_at(depth: int) -> dict[str, float | None]:
+    def cost_at(depth: int, micro_batches: int) -> dict[str, float | None]:
         shallow = dataclasses.replace(cfg, num_layers=depth * period, scan_unroll=depth)
-        return cost(compile_train_step(shallow, layout, batch, optimizer, devices).compiled)
+        return cost(compile_train_step(shallow, layout, micro * micro_batches, optimizer, devices, micro_batches,
+                                       unroll_accumulation=True).compiled)
 
-    one = cost_at(1)
-    if steps == 1 or None in one.values():
+    one = cost_at(1, 1)  # one scan step, one micro-batch, the update
+    if None in one.values():
         return one
-    two = cost_at(2)
-    return {key: one[key] + (steps - 1) * (two[key] - one[key]) for key in one}
+    scan_step = _difference(cost_at(2, 1), one) if steps > 1 else dict.fromkeys(one, 0.0)
+    whole_batch = {key: one[key] + (steps - 1) * scan_step[key] for key in one}
+    if accumulation_steps == 1:
+        return whole_batch
+    micro_batch = _difference(cost_at(1, 2), one)  # a micro-batch through one scan step
+    return {key: whole_batch[key] + (accumulation_steps - 1) * (micro_batch[key] + (steps - 1) * scan_step[key])
+            for key in one}
+
+
+def _difference(more: dict[str, float], less: dict[str, float]) -> dict[str, float]:
+    return {key: more[key] - less[key] for key in less}
 
 
 def _initial_state(step: CompiledStep, seed: int) -> dict:
@@ -332,11 +348,11 @@ def time_step(step: CompiledStep, repeats: int, seed: int = 0) -> float:
 
 
 def measure_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int = 3,
-                   with_cost: bool = False) -> dict[str, Any]:
+                   with_cost: bool = False, accumulation_steps: int = 1) -> dict[str, Any]:
     """Compile and time a train step of `cfg` under `layout`: compile and step seconds, items/s,
     MFU, per-device memory, collectives and, `with_cost` (two more compiles, for `predict`), the
     whole step's cost. Real inputs are allocated: small configs only on CPU."""
-    step = compile_train_step(cfg, layout, batch)
+    step = compile_train_step(cfg, layout, batch, accumulation_steps=accumulation_steps)
     step_s = time_step(step, repeats)
     rows_per_s = batch / step_s
     peak, _ = device_peak_flops()
@@ -348,7 +364,7 @@ def measure_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats:
         f"{step.work.item_name}_per_s": rows_per_s * step.work.items_per_row,
         "mfu": rows_per_s * step.work.flops_per_row / (step.mesh.size * peak),
         "model_flops_per_device": batch * step.work.flops_per_row / step.mesh.size,
-        "cost": step_cost(cfg, layout, batch) if with_cost else None,
+        "cost": step_cost(cfg, layout, batch, accumulation_steps=accumulation_steps) if with_cost else None,
         "memory": memory(step.compiled),
         "collectives": collectives(step.compiled.as_text(), step.mesh.size),
     }
@@ -425,11 +441,12 @@ def peak_memory(mem: dict[str, int | None]) -> int | None:
             + (mem["generated_code_bytes"] or 0))
 
 
-def aot_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: str) -> dict[str, Any]:
+def aot_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: str,
+               accumulation_steps: int = 1) -> dict[str, Any]:
     """Compile a train step of `cfg` under `layout` for the abstract chips of a TPU `topology`,
     running nothing: per-chip memory against the chip's HBM, cost, collectives and the roofline."""
     chip, devices = topology_chip(topology), topology_devices(topology)
-    step = compile_train_step(cfg, layout, batch, devices=devices)
+    step = compile_train_step(cfg, layout, batch, devices=devices, accumulation_steps=accumulation_steps)
     mem = memory(step.compiled)
     peak = peak_memory(mem)
     row = {
@@ -439,7 +456,8 @@ def aot_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: st
         "chip": chip,
         "compile_s": step.compile_s,
         "model_flops_per_device": batch * step.work.flops_per_row / step.mesh.size,
-        "cost": step_cost(cfg, layout, batch, devices=devices),
+        "accumulation_steps": accumulation_steps,
+        "cost": step_cost(cfg, layout, batch, devices=devices, accumulation_steps=accumulation_steps),
         "memory": mem,
         "peak_bytes": peak,
         "hbm_bytes": CHIPS[chip].hbm_bytes,

@@ -71,14 +71,16 @@ def _metrics(loss: jax.Array, accuracy: jax.Array | None) -> dict:
 
 
 def train_step_fn(
-    model: nn.Module, optimizer: optax.GradientTransformation, loss_fn: Callable, accumulation_steps: int = 1
+    model: nn.Module, optimizer: optax.GradientTransformation, loss_fn: Callable, accumulation_steps: int = 1,
+    unroll_accumulation: bool = False,
 ) -> Callable:
     """The un-jitted `(state, batch) -> (state, metrics)` of one optimizer step, where
     state = {params, opt_state, step, rng} and loss_fn(model, params, batch, **kwargs) returns a
     loss or (loss, accuracy). Dropout keys derive from (rng, step): a resumed run repeats them.
     With `accumulation_steps` = k, the batch's rows are split into k micro-batches whose mean
     gradient makes the one update (rows i, k + i, 2k + i, ... form micro-batch i, so each device
-    keeps its own rows)."""
+    keeps its own rows). `unroll_accumulation` compiles the micro-batches without a loop (for
+    XLA's cost analysis, which counts a loop's body once)."""
 
     def value_and_grads(params: Any, batch: Any, rng: jax.Array):
         loss = lambda p: _losses(loss_fn, model, p, batch, deterministic=False, rngs={"dropout": rng})  # noqa: E731
@@ -94,7 +96,7 @@ def train_step_fn(
 
         shapes = jax.eval_shape(value_and_grads, params, jax.tree.map(lambda x: x[0], micro), rng)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        total, _ = jax.lax.scan(add, zeros, (jnp.arange(accumulation_steps), micro))
+        total, _ = jax.lax.scan(add, zeros, (jnp.arange(accumulation_steps), micro), unroll=unroll_accumulation)
         return jax.tree.map(lambda x: x / accumulation_steps, total)
 
     def step(state: dict, batch: Any) -> tuple[dict, dict]:
