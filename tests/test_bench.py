@@ -11,6 +11,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -66,8 +67,14 @@ def test_shape_bytes_of_arrays_tuples_and_dtypes():
     assert bench.shape_bytes("((f32[2]), s8[5], /*index=2*/u32[])") == 8 + 5 + 4
 
 
+def totals(found: dict) -> dict:
+    """Each kind's count, bytes and link bytes (without the split by torus dimensions)."""
+    return {kind: {key: value for key, value in counts.items() if key != "link_bytes_by_dims"}
+            for kind, counts in found.items()}
+
+
 def test_collectives_in_handwritten_hlo():
-    found = bench.collectives(HLO, num_devices=4)
+    found = totals(bench.collectives(HLO, num_devices=4))
     # Counted once per async pair, tuples summed; %pair names no groups, so it spans all 4 devices.
     assert found["all-reduce"] == {"count": 3, "bytes": 4096 + 4096 + (4096 + 128),
                                    "link_bytes": 4096 + 4096 + 2 * 3 / 4 * (4096 + 128)}
@@ -89,7 +96,7 @@ def test_collectives_in_a_loop_bounded_by_its_condition():
 
 def test_collectives_in_a_bare_snippet():
     snippet = "  %g = f32[4]{0} all-gather(%x), dimensions={0}\n  %n = f32[4]{0} negate(%g)\n"
-    assert bench.collectives(snippet, num_devices=2)["all-gather"] == {"count": 1, "bytes": 16, "link_bytes": 8}
+    assert totals(bench.collectives(snippet, num_devices=2))["all-gather"] == {"count": 1, "bytes": 16, "link_bytes": 8}
     assert sum(c["count"] for c in bench.collectives(snippet).values()) == 1
 
 
@@ -100,6 +107,43 @@ def test_replica_groups_in_every_spelling():
     mesh = "all-gather(%p), replica_groups=mesh['axis_0'=4,'axis_1'=2,'axis_2'=8] {'axis_0','axis_2'}, dimensions={1}"
     assert bench.group_size(mesh, 64) == 32
     assert bench.group_size("all-reduce(%x), to_apply=%add", 8) == 8  # no groups: every device
+
+
+def test_first_replica_group_in_every_spelling():
+    def members(groups: str, devices: int = 8) -> list[int]:
+        return bench.group_members(f"all-reduce(%x), replica_groups={groups}, to_apply=%add", devices).tolist()
+
+    assert members("{{0,4},{1,5},{2,6},{3,7}}") == [0, 4]
+    assert members("[2,4]<=[8]") == [0, 1, 2, 3]
+    assert members("[4,2]<=[2,4]T(1,0)") == [0, 4]  # iota [2,4] transposed: columns are groups
+    assert members("mesh['axis_0'=2,'axis_1'=4] {'axis_0'}") == [0, 4]
+    assert members("mesh['axis_0'=2,'axis_1'=2,'axis_2'=2] {'axis_1','axis_2'}") == [0, 1, 2, 3]
+    assert bench.group_members("all-reduce(%x), to_apply=%add", 3).tolist() == [0, 1, 2]
+
+
+def test_groups_span_the_torus_dimensions_their_members_differ_in():
+    coords = np.array([[x, y, 0] for y in range(2) for x in range(4)])  # a 4x2 torus slice, device i at coords[i]
+    assert bench.torus_dims(np.array([0, 1, 2, 3]), coords) == 1  # along x
+    assert bench.torus_dims(np.array([0, 4]), coords) == 1  # along y
+    assert bench.torus_dims(np.arange(8), coords) == 2
+    assert bench.torus_dims(np.arange(8), None) is None
+    hlo = ("  %g = f32[8]{0} all-gather(%x), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}\n"
+           "  %r = f32[8]{0} all-reduce(%y), replica_groups={{0,4},{1,5},{2,6},{3,7}}, to_apply=%add\n"
+           "  %a = f32[8]{0} all-reduce(%z), to_apply=%add\n")
+    found = bench.collectives(hlo, 8, coords)
+    assert found["all-gather"]["link_bytes_by_dims"] == {1: 3 / 4 * 32}
+    assert found["all-reduce"]["link_bytes_by_dims"] == {1: 2 * 1 / 2 * 32, 2: 2 * 7 / 8 * 32}
+    assert bench.collectives(hlo, 8)["all-gather"]["link_bytes_by_dims"] == {None: 3 / 4 * 32}
+
+
+def test_a_collective_gets_the_links_of_the_torus_dimensions_it_spans():
+    v5p = bench.CHIPS["tpu-v5p"]  # 3-D torus: one dimension's links carry a third of the chip's total
+    assert v5p.link_bandwidth(1) == pytest.approx(v5p.ici_bandwidth / 3)
+    assert v5p.link_bandwidth(3) == v5p.link_bandwidth(None) == v5p.ici_bandwidth
+    assert bench.CHIPS["h100"].link_bandwidth(1) == bench.CHIPS["h100"].ici_bandwidth  # NVSwitch: any peer
+    chip = bench.Chip(peak_flops=100.0, hbm_bytes=1e9, hbm_bandwidth=10.0, ici_bandwidth=6.0, torus_dims=3)
+    assert bench.roofline(0, 0, {1: 4.0, 3: 6.0}, chip)["interconnect_s"] == 4.0 / 2.0 + 6.0 / 6.0
+    assert bench.roofline(0, 0, 6.0, chip)["interconnect_s"] == 1.0  # no split given: every link
 
 
 def test_link_bytes_follow_ring_algorithms():
@@ -181,7 +225,10 @@ def test_step_cost_counts_every_micro_batch_that_gradient_accumulation_hides():
 
 def test_every_chip_has_positive_figures():
     assert {"tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "h100", "h200"} <= set(bench.CHIPS)
-    assert all(min(vars(chip).values()) > 0 for chip in bench.CHIPS.values())
+    assert all(min(chip.peak_flops, chip.hbm_bytes, chip.hbm_bandwidth, chip.ici_bandwidth) > 0
+               for chip in bench.CHIPS.values())
+    assert {name: chip.torus_dims for name, chip in bench.CHIPS.items() if name.startswith("tpu")} == {
+        "tpu-v4": 3, "tpu-v5e": 2, "tpu-v5p": 3, "tpu-v6e": 2}
 
 
 def _script():

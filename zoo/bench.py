@@ -51,7 +51,7 @@ _SCALAR_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((?P<n>\d+)\)")
 _OPERAND = re.compile(r"\(%?(?P<name>[\w.\-]+)")
 # Replica groups, three spellings: {{0,1,2,3},{4,5,6,7}}; iota [groups,size]<=[devices]; mesh['a'=4,'b'=2] {'a'}.
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
-_GROUPS_IOTA = re.compile(r"replica_groups=\[(?P<dims>[\d,]+)\]<=")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(?P<dims>[\d,]+)\]<=\[(?P<reshape>[\d,]+)\](?:T\((?P<perm>[\d,]+)\))?")
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<over>[^}]*)\}")
 
 
@@ -125,16 +125,36 @@ def _multipliers(bodies: dict[str, list[str]], entry: str | None) -> Callable[[s
     return times
 
 
-def group_size(line: str, num_devices: int) -> int:
-    """Devices in each replica group of the collective on `line` (all `num_devices` when it names none)."""
+def group_members(line: str, num_devices: int) -> np.ndarray:
+    """Device indices (into the program's device assignment) of the first replica group of the
+    collective on `line`; every device when it names none."""
     if listed := _GROUPS_LIST.search(line):
-        return len(listed["first"].split(","))
+        return np.array([int(i) for i in listed["first"].split(",") if i])
     if iota := _GROUPS_IOTA.search(line):
-        return int(iota["dims"].split(",")[-1])
+        groups = [int(d) for d in iota["dims"].split(",")]
+        ids = np.arange(math.prod(groups)).reshape([int(d) for d in iota["reshape"].split(",")])
+        if iota["perm"]:
+            ids = ids.transpose([int(d) for d in iota["perm"].split(",")])
+        return ids.reshape(groups[0], -1)[0]
     if mesh := _GROUPS_MESH.search(line):
         sizes = {name.strip(" '"): int(size) for name, size in (axis.split("=") for axis in mesh["axes"].split(","))}
-        return math.prod(sizes[name.strip(" '")] for name in mesh["over"].split(",") if name.strip())
-    return num_devices
+        over = {name.strip(" '") for name in mesh["over"].split(",")}
+        ids = np.arange(math.prod(sizes.values())).reshape(list(sizes.values()))
+        return ids[tuple(slice(None) if name in over else 0 for name in sizes)].ravel()
+    return np.arange(num_devices)
+
+
+def group_size(line: str, num_devices: int) -> int:
+    """Devices in each replica group of the collective on `line` (all `num_devices` when it names none)."""
+    return len(group_members(line, num_devices))
+
+
+def torus_dims(members: np.ndarray, coords: np.ndarray | None) -> int | None:
+    """How many torus dimensions a group of devices spans (its members' coordinates differ along
+    them); None without coordinates (devices on a switch, or CPUs)."""
+    if coords is None:
+        return None
+    return int(sum(len(set(column)) > 1 for column in coords[members].T))
 
 
 def link_bytes(kind: str, result_bytes: int, group: int) -> float:
@@ -148,15 +168,18 @@ def link_bytes(kind: str, result_bytes: int, group: int) -> float:
                            "reduce-scatter": group - 1}[kind]
 
 
-def collectives(hlo_text: str, num_devices: int = 1) -> dict[str, dict[str, float]]:
-    """{kind: {"count", "bytes", "link_bytes"}} of every collective in compiled HLO text, for each kind
-    in COLLECTIVES: ops executed per run of the program, the bytes of their results, and the bytes
-    each device sends for them (`link_bytes`; a collective naming no replica groups spans
-    `num_devices`). An async pair counts once, with the groups its -start names."""
+def collectives(hlo_text: str, num_devices: int = 1, coords: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """{kind: {"count", "bytes", "link_bytes", "link_bytes_by_dims"}} of every collective in compiled HLO
+    text, for each kind in COLLECTIVES: ops executed per run of the program, the bytes of their results,
+    and the bytes each device sends for them (`link_bytes`; a collective naming no replica groups spans
+    `num_devices`), also split by how many torus dimensions their groups span, given the devices'
+    coordinates `coords` [devices, dims] in the program's device order (key None without them). An
+    async pair counts once, with the groups its -start names."""
     bodies, entry = _computations(hlo_text)
     times = _multipliers(bodies, entry)
     by_name = {m["name"]: line for lines in bodies.values() for line in lines if (m := _INSTRUCTION.match(line))}
-    found = {kind: {"count": 0, "bytes": 0, "link_bytes": 0.0} for kind in COLLECTIVES}
+    found = {kind: {"count": 0, "bytes": 0, "link_bytes": 0.0, "link_bytes_by_dims": defaultdict(float)}
+             for kind in COLLECTIVES}
     for name, lines in bodies.items():
         for line in lines:
             instruction = _INSTRUCTION.match(line)
@@ -164,11 +187,15 @@ def collectives(hlo_text: str, num_devices: int = 1) -> dict[str, dict[str, floa
             if not kind:
                 continue
             start = _OPERAND.search(line, instruction.end() - 1) if instruction["op"].endswith("-done") else None
-            groups_line = by_name.get(start["name"], line) if start else line
+            members = group_members(by_name.get(start["name"], line) if start else line, num_devices)
             size = shape_bytes(instruction["shape"])
+            sent = times(name) * link_bytes(kind, size, len(members))
             found[kind]["count"] += times(name)
             found[kind]["bytes"] += times(name) * size
-            found[kind]["link_bytes"] += times(name) * link_bytes(kind, size, group_size(groups_line, num_devices))
+            found[kind]["link_bytes"] += sent
+            found[kind]["link_bytes_by_dims"][torus_dims(members, coords)] += sent
+    for counts in found.values():
+        counts["link_bytes_by_dims"] = dict(counts["link_bytes_by_dims"])
     return found
 
 
@@ -372,47 +399,69 @@ def measure_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats:
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """Published per-chip figures: dense bf16 FLOP/s, HBM bytes and bytes/s, interconnect bytes/s."""
+    """Published per-chip figures: dense bf16 FLOP/s, HBM bytes and bytes/s, the bytes/s a chip can
+    send over all its interconnect links at once (one way), and the dimensions of its torus (0: a
+    switched network, where any group of devices gets all of it)."""
 
     peak_flops: float
     hbm_bytes: float
     hbm_bandwidth: float
     ici_bandwidth: float
+    torus_dims: int = 0
+
+    def link_bandwidth(self, dims: int | None) -> float:
+        """Bytes/s a chip sends in a collective whose groups span `dims` torus dimensions: a ring along
+        one dimension uses only that dimension's links (both ways), 1/torus_dims of the chip's total.
+        Unknown spans (None) and switched networks get the total."""
+        if dims is None or not self.torus_dims:
+            return self.ici_bandwidth
+        return self.ici_bandwidth * min(dims, self.torus_dims) / self.torus_dims
 
 
 GiB, GB = 2**30, 1e9
-# Sources: Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e;
-# v4's ICI figure is from the v5p page's comparison table; Gbps / 8 = GB/s), NVIDIA's H100 and
-# H200 data sheets (SXM: dense bf16 without sparsity; NVLink 900 GB/s per GPU). The interconnect
-# figure is a chip's total over all its links, so the roofline assumes collectives use every link.
+# Sources: Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
+# "interchip interconnect BW" per chip (Gbps / 8 = GB/s one way; the v5p page's "bidirectional
+# 1200 GBps" is the same figure counted both ways), 3-D tori for v4 and v5p (6 links a chip), 2-D for
+# v5e and v6e (4 links); v4's figure is from the v5p page's comparison table. NVIDIA's H100 and H200
+# data sheets (SXM: dense bf16 without sparsity; NVLink 900 GB/s per GPU counts both directions, so
+# 450 GB/s one way, through NVSwitch to any peer).
 CHIPS = {
-    "tpu-v4": Chip(275e12, 32 * GiB, 1200 * GB, 2400 / 8 * GB),
-    "tpu-v5e": Chip(197e12, 16 * GiB, 819 * GB, 1600 / 8 * GB),
-    "tpu-v5p": Chip(459e12, 95 * GiB, 2765 * GB, 4800 / 8 * GB),
-    "tpu-v6e": Chip(918e12, 32 * GiB, 1640 * GB, 3584 / 8 * GB),
-    "h100": Chip(989e12, 80 * GB, 3350 * GB, 900 * GB),
-    "h200": Chip(989e12, 141 * GB, 4800 * GB, 900 * GB),
+    "tpu-v4": Chip(275e12, 32 * GiB, 1200 * GB, 2400 / 8 * GB, torus_dims=3),
+    "tpu-v5e": Chip(197e12, 16 * GiB, 819 * GB, 1600 / 8 * GB, torus_dims=2),
+    "tpu-v5p": Chip(459e12, 95 * GiB, 2765 * GB, 4800 / 8 * GB, torus_dims=3),
+    "tpu-v6e": Chip(918e12, 32 * GiB, 1640 * GB, 3584 / 8 * GB, torus_dims=2),
+    "h100": Chip(989e12, 80 * GB, 3350 * GB, 450 * GB),
+    "h200": Chip(989e12, 141 * GB, 4800 * GB, 450 * GB),
 }
 
 
-def roofline(flops: float, hbm_bytes: float, link_bytes: float, chip: Chip | str) -> dict[str, float]:
-    """Seconds one chip needs for its FLOPs at peak, its HBM traffic and its interconnect traffic,
-    and the step time they allow if they overlap perfectly (the slowest of the three)."""
+def roofline(flops: float, hbm_bytes: float, link_bytes: float | dict[int | None, float],
+             chip: Chip | str) -> dict[str, float]:
+    """Seconds one chip needs for its FLOPs at peak, its HBM traffic and its interconnect traffic
+    (`link_bytes`, or {torus dimensions spanned: bytes} to charge each at its links' bandwidth), and
+    the step time they allow if they overlap perfectly (the slowest of the three)."""
     chip = CHIPS[chip] if isinstance(chip, str) else chip
+    by_dims = link_bytes if isinstance(link_bytes, dict) else {None: link_bytes}
+    interconnect_s = sum(sent / chip.link_bandwidth(dims) for dims, sent in by_dims.items() if sent)
     times = {"compute_s": flops / chip.peak_flops, "memory_s": hbm_bytes / chip.hbm_bandwidth,
-             "interconnect_s": link_bytes / chip.ici_bandwidth}
+             "interconnect_s": float(interconnect_s)}
     return times | {"step_s": max(times.values())}
 
 
 def predict(row: dict[str, Any], chip: Chip | str) -> dict[str, float | str | None]:
     """Roofline times on `chip` of a `measure_layout` or `aot_layout` row (the whole step's XLA FLOPs,
-    rematerialisation included; its bytes accessed as HBM traffic; its collectives' link bytes), the
-    resource that bounds the step, and the MFU it allows: model FLOPs at peak over the step time."""
+    rematerialisation included; its bytes accessed as HBM traffic; its collectives' link bytes, each
+    at the bandwidth of the torus dimensions its groups span), the resource that bounds the step, and
+    the MFU it allows: model FLOPs at peak over the step time."""
     chip = CHIPS[chip] if isinstance(chip, str) else chip
     flops, hbm_bytes = row["cost"]["flops"], row["cost"]["bytes_accessed"]
     if flops is None or hbm_bytes is None:
         return {"compute_s": None, "memory_s": None, "interconnect_s": None, "step_s": None, "bound": None, "mfu": None}
-    times = roofline(flops, hbm_bytes, sum(c["link_bytes"] for c in row["collectives"].values()), chip)
+    by_dims: dict[int | None, float] = defaultdict(float)
+    for found in row["collectives"].values():
+        for dims, sent in found.get("link_bytes_by_dims", {None: found["link_bytes"]}).items():
+            by_dims[dims] += sent
+    times = roofline(flops, hbm_bytes, dict(by_dims), chip)
     bound = max(("compute", "memory", "interconnect"), key=lambda name: times[f"{name}_s"])
     return times | {"bound": bound, "mfu": row["model_flops_per_device"] / chip.peak_flops / times["step_s"]}
 
@@ -462,7 +511,8 @@ def aot_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: st
         "peak_bytes": peak,
         "hbm_bytes": CHIPS[chip].hbm_bytes,
         "fits": None if peak is None else peak <= CHIPS[chip].hbm_bytes,
-        "collectives": collectives(step.compiled.as_text(), step.mesh.size),
+        "collectives": collectives(step.compiled.as_text(), step.mesh.size,
+                                   np.array([device.coords for device in step.mesh.devices.flat])),
     }
     row["predicted"] = predict(row, chip)
     return row
