@@ -139,6 +139,18 @@ def test_splash_on_each_shard_equals_dense_in_values_and_gradients(layout, heads
         assert relative_error(a, e) <= 1e-5, name
 
 
+def test_splash_needs_the_mesh_of_a_program_over_several_devices(monkeypatch):
+    """A Pallas kernel in a multi-device program must run under shard_map, which needs the mesh:
+    without one, on a host of 8 TPU chips (pretended here), splash is not chosen and says why."""
+    monkeypatch.setattr(attn, "target_device", lambda: ("tpu", "TPU v5 lite"))
+    q = jax.ShapeDtypeStruct((8, 256, 4, 64), jnp.bfloat16)
+    assert attn.choose_implementation(q, window=64) == "banded"
+    with pytest.raises(ValueError, match="splash outside a mesh runs on one device, and there are 8"):
+        attn.attention(q, q, q, implementation="splash")
+    with jax.set_mesh(sharding.mesh_for("fsdp")):
+        assert attn.choose_implementation(q, window=64) == "splash"
+
+
 def test_banded_memory_grows_linearly_with_length():
     """Compiled temp memory of forward+backward: banded is O(T·w), dense O(T²)."""
 

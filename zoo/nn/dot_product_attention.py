@@ -113,6 +113,10 @@ def unsupported_reason(
             "splash here is causal only": causal,
             "splash here takes no key mask": key_mask is None,
             f"splash needs a length that is a multiple of 128, got {q.shape[1]}": q.shape[1] % 128 == 0,
+            # A Pallas kernel in a program over several devices must be told their mesh (jax.set_mesh,
+            # as zoo.sharding.sharding_context does) to run on each one's shard.
+            f"splash outside a mesh runs on one device, and there are {jax.device_count()}":
+                not _outside_a_mesh() or jax.device_count() == 1,
         }
     else:
         return f"unknown implementation {implementation!r}"
@@ -139,6 +143,10 @@ def choose_implementation(
     if window is not None and 2 * window < q.shape[1]:
         return "banded"
     return "dense"
+
+
+def _outside_a_mesh() -> bool:
+    return jax.sharding.get_abstract_mesh().empty
 
 
 def _is_hopper(device_kind: str) -> bool:
