@@ -223,6 +223,16 @@ def test_step_cost_counts_every_micro_batch_that_gradient_accumulation_hides():
     assert estimate["bytes_accessed"] == pytest.approx(whole["bytes_accessed"], rel=0.05)
 
 
+def test_the_roofline_counts_the_attention_flops_xla_cannot_see_in_the_splash_kernel():
+    cfg = configs.gpt("gpt3-small", num_layers=2, context_length=512, window=128)
+    xla = {"flops": 1e12, "bytes_accessed": 5e9}
+    # 12 · layers · d_model · keys per token, keys averaged over the (dense, banded) pair.
+    attention = 2 * 512 * 12 * 2 * 768 * (512 + 128) / 2
+    assert bench.with_kernel_flops(xla, cfg, 2, True) == {"flops": 1e12 + attention, "bytes_accessed": 5e9,
+                                                          "kernel_flops": attention}
+    assert bench.with_kernel_flops(xla, cfg, 2, False) == xla | {"kernel_flops": 0.0}
+
+
 def test_every_chip_has_positive_figures():
     assert {"tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "h100", "h200"} <= set(bench.CHIPS)
     assert all(min(chip.peak_flops, chip.hbm_bytes, chip.hbm_bandwidth, chip.ici_bandwidth) > 0

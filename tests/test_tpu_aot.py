@@ -15,7 +15,7 @@ from zoo.nn import dot_product_attention as attn
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="AOT compilation for TPU topologies needs libtpu: pip install 'zoo[tpu]'")
 
-MOSAIC = 'custom_call_target="tpu_custom_call"'
+MOSAIC = bench.MOSAIC_KERNEL
 LENGTH = 256
 
 

@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
+import os
 import pathlib
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+from etils import epath
+
+from zoo.paths import write_atomically
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -32,10 +38,14 @@ def gpt_flops_per_token(cfg) -> float:
     values, 12 · layers · d_model · keys seen (banded layers see at most `window` keys)."""
     per_layer = 4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff
     matrices = cfg.num_layers * per_layer + cfg.d_model * cfg.vocab_size
+    return 6 * matrices + gpt_attention_flops_per_token(cfg)
+
+
+def gpt_attention_flops_per_token(cfg) -> float:
+    """The attention logits and values' share of `gpt_flops_per_token`."""
     keys = [cfg.context_length if kind == "dense" else min(cfg.window, cfg.context_length)
             for kind in cfg.attention_pattern]
-    attention = 12 * cfg.d_model * sum(keys) * cfg.num_layers / len(keys)
-    return 6 * matrices + attention
+    return 12 * cfg.d_model * sum(keys) * cfg.num_layers / len(keys)
 
 
 def vit_flops_per_image(cfg) -> float:
@@ -69,34 +79,51 @@ def _measured_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
 
 class MetricsWriter:
     """JSON lines (metrics.jsonl) and TensorBoard events in the workdir, and the loss curve
-    (loss.png) on close. Only process 0 writes; the others hold no files."""
+    (loss.png) on close. Only process 0 writes; the others hold no files.
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
-        self.workdir = pathlib.Path(workdir)
+    Every file goes through epath, so the workdir may be a URL (gs://bucket/run) as well as a
+    folder. Object stores cannot append to a file, so metrics.jsonl (a resumed run's earlier
+    lines kept) is rewritten whole, atomically, at each write. tensorboardX can write to
+    gs:// and s3:// only through clients of its own, so it writes its events to a local
+    temporary folder, copied to workdir/tensorboard at each write (as far as its writer
+    thread has got) and whole at close. loss.png is drawn in memory, then written."""
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None):
+        self.workdir = epath.Path(workdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
-            self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+            (self.workdir / "tensorboard").mkdir(parents=True, exist_ok=True)
+            self._jsonl = self.workdir / "metrics.jsonl"
+            self._records = self._jsonl.read_text() if self._jsonl.exists() else ""
+            self._events = tempfile.TemporaryDirectory(prefix="zoo-tensorboard-")
+            self._tensorboard = SummaryWriter(self._events.name)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Record scalar metrics at a step."""
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         if self.enabled:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            self._records += json.dumps(record) + "\n"
+            write_atomically(self._jsonl, self._records.encode())
             for key, value in metrics.items():
                 self._tensorboard.add_scalar(key, float(value), step)
+            self._tensorboard.flush()
+            self._copy_events()
 
     def close(self) -> None:
-        """Flush the files and draw every *loss metric against the step."""
+        """Finish the event files and draw every *loss metric against the step."""
         if not self.enabled:
             return
-        self._jsonl.close()
         self._tensorboard.close()
+        self._copy_events()
+        self._events.cleanup()
         self.plot_losses()
+
+    def _copy_events(self) -> None:
+        """Copy the local event files to workdir/tensorboard."""
+        for events in pathlib.Path(self._events.name).iterdir():
+            (self.workdir / "tensorboard" / events.name).write_bytes(events.read_bytes())
 
     def plot_losses(self) -> None:
         """loss.png: every metric whose name ends in "loss", against the step."""
@@ -105,7 +132,7 @@ class MetricsWriter:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        records = [json.loads(line) for line in (self.workdir / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in self._records.splitlines()]
         keys = sorted({k for r in records for k in r if k.endswith("loss")})
         if not keys:
             return
@@ -118,5 +145,7 @@ class MetricsWriter:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(self.workdir / "loss.png", dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
+        (self.workdir / "loss.png").write_bytes(png.getvalue())
