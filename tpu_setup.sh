@@ -34,12 +34,13 @@ else
 fi
 
 python="$venv/bin/python"
-if [ -x "$python" ] && "$python" -c "import zoo, jax; assert jax.default_backend() == 'tpu'" 2>/dev/null; then
-  echo "= zoo and the JAX TPU build are installed in $venv"
+if [ -x "$python" ] && "$python" -c "import zoo, gcsfs, jax; assert jax.default_backend() == 'tpu'" 2>/dev/null; then
+  echo "= zoo, gcsfs and the JAX TPU build are installed in $venv"
   exit 0
 fi
 run "$python" -m pip install --upgrade pip
-run "$python" -m pip install -e "$root"
+# the gcs extra (gcsfs): checkpoints and logs in a gs:// workdir that every worker shares
+run "$python" -m pip install -e "$root[gcs]"
 # jax[tpu] at the installed jax version brings the libtpu built for it.
 if [ "$dry_run" -eq 0 ]; then
   jax_version="$("$python" -c 'import jax; print(jax.__version__)')"

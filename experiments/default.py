@@ -9,6 +9,8 @@ validation. A sentencepiece BPE tokenizer is trained on the rest (cached in --da
 Rerunning the same command in the same --workdir resumes from the last checkpoint.
 """
 
+import argparse
+
 import zoo
 from zoo import experiment
 
@@ -18,10 +20,15 @@ MODEL = zoo.GPTConfig(
 )
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags (of `argv`, default the command line), with this experiment's defaults."""
     parser = experiment.parser(__doc__, workdir="runs/default", steps=600, batch=16, checkpoint_every=200)
     experiment.add_text_flags(parser, vocab_size=MODEL.vocab_size)
-    experiment.run_language_model(parser.parse_args(), MODEL, learning_rate=2e-3, warmup=60)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    experiment.run_language_model(parse_args(), MODEL, learning_rate=2e-3, warmup=60)
 
 
 if __name__ == "__main__":

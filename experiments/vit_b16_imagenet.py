@@ -5,7 +5,7 @@ optax.adamw: times the learning rate), dropout 0.1, gradient clipping at global 
 Computed in bfloat16 with float32 parameters, layers rematerialised (dots_no_batch), parameters
 and optimizer state sharded over every device (--mesh fsdp=-1).
 
-    python experiments/vit_b16_imagenet.py --data-dir gs://BUCKET/tensorflow_datasets   # on each host
+    python experiments/vit_b16_imagenet.py --data-dir ~/tensorflow_datasets --workdir gs://BUCKET/vit   # on each host
     python experiments/vit_b16_imagenet.py --mock --steps 2 --batch 8 --set num_layers=1 \\
         --set d_model=32 --set num_heads=2 --set d_ff=64 --set image_size=32      # a smoke run
 
@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 
 import jax
+from etils import epath
 
 import zoo
 from zoo import experiment, tasks
@@ -40,8 +41,10 @@ SHIFT = 16  # pixels of random shift
 def parse_args() -> argparse.Namespace:
     parser = experiment.parser(__doc__, workdir="runs/vit_b16_imagenet", steps=round(300 * EPOCH_STEPS),
                                batch=PAPER_BATCH, log_every=100, checkpoint_every=2000, mesh="fsdp=-1")
-    parser.add_argument("--data-dir", help="tfds data dir holding (or to build) imagenet2012; a gs:// path works "
-                                           "(default: tfds's own, $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    parser.add_argument("--data-dir", type=epath.Path,
+                        help="tfds data dir holding (or to build) imagenet2012, on each host's disk (without "
+                             "TensorFlow, tfds's array_record files are local files; default: tfds's own, "
+                             "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
     parser.add_argument("--lr", type=float, default=PAPER_LR,
                         help=f"peak learning rate at batch {PAPER_BATCH}, scaled linearly with --batch "
                              f"(default {PAPER_LR})")

@@ -21,6 +21,7 @@ import math
 import pathlib
 
 import jax
+from etils import epath
 
 import zoo
 from zoo import experiment, tasks
@@ -36,7 +37,8 @@ DATA_FOLDERS = (pathlib.Path(__file__).resolve().parents[1].parent / "shared/dat
 EVAL_BATCH = 1000  # divides the 10,000 test images: each is evaluated once
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags (of `argv`, default the command line), with this experiment's defaults."""
     parser = experiment.parser(__doc__, workdir="runs/vit_fashion_mnist", steps=1500, batch=128, log_every=100)
     default_data = next((folder for folder in DATA_FOLDERS if folder.is_dir()), None)
     parser.add_argument("--data", type=pathlib.Path, default=default_data,
@@ -44,13 +46,13 @@ def parse_args() -> argparse.Namespace:
                              "beside the repo if present, else /usr/share/datasets/fashion-mnist, else the tfds "
                              "fashion_mnist by name, which downloads if the machine has internet; "
                              f"here {default_data})")
-    parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("runs/data"),
+    parser.add_argument("--data-dir", type=epath.Path, default=epath.Path("runs/data"),
                         help="cache of the tfds build (default runs/data)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
     parser.add_argument("--synthetic", type=int, metavar="N",
                         help="train and test on N random 28 x 28 images instead of the data (tests, smoke runs)")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def examples(args: argparse.Namespace, split: str) -> ArrayExamples:

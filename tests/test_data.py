@@ -270,6 +270,24 @@ def test_unaugmented_batches_are_normalised_examples_in_order():
     np.testing.assert_array_equal(batch["label"], examples.labels[8:16])
 
 
+def test_images_decoded_in_parallel_equal_the_serial_decoding():
+    examples = images.synthetic_examples(30, (6, 5), 2, num_classes=3)
+    serial = pipeline(examples, workers=1)
+    for workers in (2, 3, 8, 64):  # slices of unequal sizes, and more workers than rows
+        parallel = pipeline(examples, workers=workers)
+        for step in (0, 3, 7):
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(parallel.batch_at(step)[key], serial.batch_at(step)[key])
+
+
+def test_images_read_from_a_source_and_resized_in_parallel_equal_the_serial_reading(mock_tfds):
+    imagenet = images.tfds_examples("imagenet2012", "train", image_size=16)  # mock images vary in size
+    serial, parallel = (images.ImagePipeline(imagenet, 6, 0, 16, 3, mean=(0.5,) * 3, std=(0.25,) * 3, workers=w)
+                        for w in (1, 4))
+    for key in ("image", "label"):
+        np.testing.assert_array_equal(parallel.batch_at(1)[key], serial.batch_at(1)[key])
+
+
 @pytest.mark.parametrize("image_size, channels, match", [
     (32, 1, r"\(28, 28, 1\) but the model expects \(32, 32, 1\).*image_size"),
     (28, 3, r"\(28, 28, 1\) but the model expects \(28, 28, 3\).*num_channels=1"),

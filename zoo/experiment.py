@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +13,7 @@ import absl.logging
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -30,8 +30,9 @@ def parser(doc: str, *, workdir: str, steps: int, batch: int, log_every: int = 5
     """An argument parser with the flags every experiment takes; the experiment adds its own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=list(parents))
-    p.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(workdir),
-                   help=f"checkpoints, metrics and config; rerunning in the same workdir resumes (default {workdir})")
+    p.add_argument("--workdir", type=epath.Path, default=epath.Path(workdir),
+                   help=f"checkpoints, metrics and config, a folder or a URL such as gs://bucket/run (every "
+                        f"host of a pod needs the same one); rerunning in the same workdir resumes (default {workdir})")
     p.add_argument("--mesh", default=mesh,
                    help=f"a layout {tuple(sharding.LAYOUTS)} or a mesh such as data=2,fsdp=2,tensor=2 "
                         f"(-1 takes the remaining devices; default {mesh})")
@@ -83,15 +84,15 @@ def check_batch(args: argparse.Namespace, mesh: Mesh) -> None:
 def add_text_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: str = "runs/data") -> None:
     """Flags of the language-model experiments: where the text comes from, the tokenizer, sampling."""
     p.add_argument("--tfds", metavar="NAME", help="a tfds text dataset by name, e.g. lm1b (downloads if needed)")
-    p.add_argument("--text-dir", type=pathlib.Path,
-                   help="local text: DIR/train/*.txt and DIR/<eval split>/*.txt, one document a file "
+    p.add_argument("--text-dir", type=epath.Path,
+                   help="text files: DIR/train/*.txt and DIR/<eval split>/*.txt, one document a file "
                         "(default without --tfds: the shipped Shakespeare)")
     p.add_argument("--eval-split", default="validation", help="held-out split name (default validation)")
-    p.add_argument("--tokenizer", type=pathlib.Path, help="a sentencepiece model (default: train one on the data)")
+    p.add_argument("--tokenizer", type=epath.Path, help="a sentencepiece model (default: train one on the data)")
     p.add_argument("--vocab-size", type=int, default=vocab_size,
                    help=f"vocabulary of the trained tokenizer; the model's follows it (default {vocab_size})")
     p.add_argument("--max-documents", type=int, help="read at most this many documents per split")
-    p.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path(data_dir),
+    p.add_argument("--data-dir", type=epath.Path, default=epath.Path(data_dir),
                    help=f"cache of tfds builds and tokenizers (default {data_dir})")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the experiment's)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps (default: the experiment's)")
@@ -127,8 +128,9 @@ def run_language_model(args: argparse.Namespace, cfg: GPTConfig, learning_rate: 
           f"perplexity {math.exp(summary['eval_loss']):.1f}")
     if args.samples:
         prompt = np.asarray([corpus.tokenizer.encode(args.prompt)] * args.samples, np.int32)
-        texts = jax.device_get(sample(model, summary["state"]["params"], prompt, args.sample_tokens,
-                                      jax.random.key(args.seed), temperature=0.8))
+        with sharding.sharding_context(mesh):  # params stay in their shards; kernels see the mesh
+            texts = jax.device_get(sample(model, summary["state"]["params"], prompt, args.sample_tokens,
+                                          jax.random.key(args.seed), temperature=0.8))
         if jax.process_index() == 0:
             for i, tokens in enumerate(texts):
                 print(f"\n--- sample {i + 1} ---\n{corpus.tokenizer.decode(tokens.tolist())}")

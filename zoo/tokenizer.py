@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import io
 import os
-import pathlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sentencepiece as spm
+from etils import epath
+
+from zoo.paths import write_atomically
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 EOS_PIECE = "<|endoftext|>"
@@ -60,11 +62,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load a `.model` file written by `train_tokenizer` (or any sentencepiece model with byte fallback)."""
-        path = pathlib.Path(path)
+        """Load a `.model` file written by `train_tokenizer` (or any sentencepiece model with byte fallback),
+        local or at a URL such as gs://bucket/tokenizer.model."""
+        path = epath.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no sentencepiece model at {path}: train one with zoo.tokenizer.train_tokenizer")
-        return cls(spm.SentencePieceProcessor(model_file=str(path)))
+        return cls(spm.SentencePieceProcessor(model_proto=path.read_bytes()))
 
     @property
     def vocab_size(self) -> int:
@@ -112,24 +115,23 @@ def train_tokenizer(
     texts_or_files: Iterable[str | os.PathLike], model_prefix: str | os.PathLike, vocab_size: int = 4096,
     **options: Any,
 ) -> Tokenizer:
-    """Train a byte-fallback BPE on texts (str) or UTF-8 files (paths); writes `{model_prefix}.model`."""
+    """Train a byte-fallback BPE on texts (str) or UTF-8 files (paths); writes `{model_prefix}.model`
+    (local or at a URL: sentencepiece trains in memory, the model file is written through epath)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=_sentences(texts_or_files), model_writer=model, vocab_size=vocab_size,
         **{**TRAINER_OPTIONS, **options},
     )
-    path = pathlib.Path(f"{model_prefix}.model")
+    path = epath.Path(f"{model_prefix}.model")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_bytes(model.getvalue())
-    os.replace(partial, path)  # atomic: a process loading it concurrently never sees half a file
-    return Tokenizer.load(path)
+    write_atomically(path, model.getvalue())  # a process loading it concurrently never sees half a file
+    return Tokenizer(spm.SentencePieceProcessor(model_proto=model.getvalue()))
 
 
 def _sentences(texts_or_files: Iterable[str | os.PathLike]) -> Iterator[str]:
     """Training sentences: paragraphs (sentencepiece skips any longer than max_sentence_length, so cut them)."""
     for item in texts_or_files:
-        text = pathlib.Path(item).read_text(encoding="utf-8") if isinstance(item, os.PathLike) else item
+        text = epath.Path(item).read_text(encoding="utf-8") if isinstance(item, os.PathLike) else item
         for paragraph in re.split(r"(?<=\n\n)", text):
             yield from _cut(paragraph, SENTENCE_CHARS)
 

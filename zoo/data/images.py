@@ -10,6 +10,13 @@ resumable per-process batches with seeded pad-and-crop and horizontal-flip augme
 Batch k is a pure function of (seed, k, process), augmentation included: each example's crop and
 flip come from a hash of (seed, its position in the stream), so restarting at step k, or
 splitting the global batch over processes, gives the same examples, augmented the same way.
+
+A batch is read, decoded, augmented and normalised in `workers` slices at once, on threads of a
+stdlib `concurrent.futures` pool: PIL's decoders and resizing, and numpy on whole arrays, release
+the GIL, so threads use several cores without copying images between processes. grain would bring
+worker processes and its own prefetching, which the loop's prefetcher already does; slicing one
+batch over a thread pool is all that is needed. The slices are cut after the positions are drawn,
+so a batch is the same for any number of workers.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import gzip
 import os
 import pathlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,6 +43,7 @@ FASHION_MNIST_CLASSES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
 )
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)  # of the training images scaled to [0, 1]
+DECODE_WORKERS = min(8, os.cpu_count() or 1)  # threads that build one batch
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -211,18 +220,29 @@ class ImagePipeline(StepPipeline):
     def __init__(self, examples: ArrayExamples | SourceExamples, global_batch: int, seed: int,
                  image_size: int | tuple[int, int], channels: int, mean: Sequence[float], std: Sequence[float],
                  process_index: int = 0, process_count: int = 1, augment: bool = True, pad: int = 2,
-                 shuffle: bool = True):
+                 shuffle: bool = True, workers: int = DECODE_WORKERS):
         check_images(examples.shape, image_size, channels)
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} need one value per channel ({channels})")
+        if workers < 1:
+            raise ValueError(f"workers={workers} must be >= 1")
         super().__init__(len(examples), global_batch, seed, process_index, process_count, shuffle)
-        self.examples, self.augment, self.pad = examples, augment, pad
+        self.examples, self.augment, self.pad, self.workers = examples, augment, pad, workers
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="images") if workers > 1 else None
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        images, labels = self.examples.read(self.indices(step))
+        indices, keys = self.indices(step), hash64(HASH_AUGMENT, self.seed, self.positions(step))
+        slices = np.array_split(np.arange(len(indices)), min(self.workers, len(indices)))
+        apply = self._pool.map if self._pool else map
+        parts = list(apply(lambda rows: self._examples(indices[rows], keys[rows]), slices))
+        return {key: np.concatenate([part[key] for part in parts]) for key in ("image", "label")}
+
+    def _examples(self, indices: np.ndarray, keys: np.ndarray) -> dict[str, np.ndarray]:
+        """Records `indices` read, augmented by their `keys` and normalised: one slice of a batch."""
+        images, labels = self.examples.read(indices)
         if self.augment:
-            images = crop_and_flip(images, self.pad, hash64(HASH_AUGMENT, self.seed, self.positions(step)))
+            images = crop_and_flip(images, self.pad, keys)
         return {"image": (images.astype(np.float32) / 255 - self.mean) / self.std, "label": labels.astype(np.int32)}
 
 

@@ -23,8 +23,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from zoo.data import shakespeare
+from zoo.paths import absolute
 from zoo.tokenizer import Tokenizer, train_tokenizer
 
 READ_CHUNK = 1024  # records per data-source read
@@ -157,12 +159,12 @@ class LocalTextFiles(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)  # file-name order
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
-        folders = sorted(path for path in pathlib.Path(dl_manager.manual_dir).iterdir() if path.is_dir())
+        folders = sorted(path for path in epath.Path(dl_manager.manual_dir).iterdir() if path.is_dir())
         if not folders:
             raise ValueError(f"{dl_manager.manual_dir} has no split folders (train/, validation/, ...)")
         return {folder.name: self._generate_examples(folder) for folder in folders}
 
-    def _generate_examples(self, folder: pathlib.Path) -> Iterator[tuple[str, dict[str, str]]]:
+    def _generate_examples(self, folder: epath.Path) -> Iterator[tuple[str, dict[str, str]]]:
         for path in sorted(folder.glob("*.txt")):
             yield path.stem, {"name": path.stem, "text": path.read_text(encoding="utf-8")}
 
@@ -221,7 +223,7 @@ class PackedCorpus(NamedTuple):
 def prepare_shakespeare(data_dir: str | os.PathLike, length: int, vocab_size: int = 4096,
                         validation: tuple[str, ...] = shakespeare.VALIDATION_PLAYS) -> PackedCorpus:
     """The shipped Shakespeare as packed rows; the tfds build and the tokenizer (trained on train) are cached."""
-    data_dir = pathlib.Path(data_dir)
+    data_dir = epath.Path(data_dir)
     builder = _build_shakespeare(data_dir, validation)
     train, held_out = (list(source_texts(builder.as_data_source(split))) for split in ("train", "validation"))
     tokenizer_path = data_dir / "tokenizers" / f"{builder.builder_config.name}-bpe{vocab_size}.model"
@@ -232,7 +234,7 @@ def prepare_shakespeare(data_dir: str | os.PathLike, length: int, vocab_size: in
     return PackedCorpus(tokenizer, packed_rows(tokenizer, train, length), packed_rows(tokenizer, held_out, length))
 
 
-def _build_shakespeare(data_dir: pathlib.Path, validation: tuple[str, ...]) -> LocalTextFiles:
+def _build_shakespeare(data_dir: epath.Path, validation: tuple[str, ...]) -> LocalTextFiles:
     """The tfds build of the shipped works, one config per held-out set (e.g. "shakespeare-macbeth-tempest")."""
     texts = shakespeare.works()
     unknown = set(validation) - set(texts)
@@ -259,9 +261,9 @@ def prepare_corpus(data_dir: str | os.PathLike, length: int, vocab_size: int, *,
     (at most `max_documents` documents) and cached in `data_dir`."""
     if tfds_name is None and text_dir is None:
         return prepare_shakespeare(data_dir, length, vocab_size)
-    data_dir = pathlib.Path(data_dir)
+    data_dir = epath.Path(data_dir)
     if text_dir is not None:
-        name = pathlib.Path(text_dir).resolve().name
+        name = absolute(text_dir).name
         builder = build_text_files(text_dir, data_dir, name)
         split = lambda s: source_texts(builder.as_data_source(s))  # noqa: E731
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from zoo import sharding
 from zoo.checkpoint import Checkpointer, PreemptionGuard
+from zoo.data.prefetch import Prefetcher
 from zoo.train.metrics import MetricsWriter, device_peak_flops
 from zoo.train.steps import eval_step_fn, train_state, train_step_fn
 
@@ -63,6 +65,7 @@ class LoopConfig:
     keep_checkpoints: int = 3
     accumulation_steps: int = 1  # micro-batches per optimizer step
     progress: bool = True
+    prefetch: int = 2  # batches built and sent to the devices ahead, on a thread (0: none)
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
@@ -105,14 +108,14 @@ def train(
     task: Task,
     optimizer: optax.GradientTransformation,
     mesh: Mesh,
-    workdir: str | pathlib.Path,
+    workdir: str | os.PathLike,
     loop: LoopConfig,
     config: dict,
 ) -> dict:
     """Train `task` for `loop.steps` steps on `mesh`, resuming from `workdir` if it holds a
     checkpoint; returns the last logged and evaluated metrics (and "preempted" if SIGTERM
     stopped the run after a final checkpoint)."""
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)  # a folder, or a URL all hosts share (gs://bucket/run)
     lead = jax.process_index() == 0
     config = json.loads(json.dumps(config, default=str))  # paths and the like as strings
     if lead:
@@ -124,7 +127,8 @@ def train(
                                 keep=loop.keep_checkpoints)
     restored = checkpointer.restore(abstract)
     if restored is None:
-        state = _initial_state(init_params, optimizer, shardings, rng)
+        with sharding.sharding_context(mesh):  # the model's kernels see the mesh they run on
+            state = _initial_state(init_params, optimizer, shardings, rng)
     else:
         state = restored[0]
     start = int(jax.device_get(state["step"]))
@@ -151,9 +155,11 @@ def train(
         if step != saved_at and checkpointer.save(step, state, {"step": step, "seed": loop.seed}, config, force=force):
             saved_at = step
 
-    with PreemptionGuard(sync_every=loop.log_every) as guard:  # polled across processes when we log anyway
+    with (PreemptionGuard(sync_every=loop.log_every) as guard,  # polled across processes when we log anyway
+          Prefetcher(lambda step: sharding.shard_batch(task.train_batch(step), mesh), start, loop.steps,
+                     loop.prefetch) as batches):
         for step in range(start, loop.steps):
-            state, metrics = train_step(state, sharding.shard_batch(task.train_batch(step), mesh))
+            state, metrics = train_step(state, next(batches))
             pending.append(metrics)  # fetched only when logged: no host sync per step
             done = step + 1
             if done % loop.log_every == 0 or done == loop.steps:
