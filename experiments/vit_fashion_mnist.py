@@ -32,18 +32,17 @@ from zoo.train.loop import train
 
 MODEL = zoo.ViTConfig(image_size=28, patch_size=7, num_channels=1, num_classes=10, num_layers=4, d_model=64,
                       num_heads=4, d_ff=256, pooling="token", init_std=0.1)
-DATA_FOLDERS = (pathlib.Path(__file__).resolve().parents[1].parent / "shared/data/fashion-mnist",
-                pathlib.Path("/usr/share/datasets/fashion-mnist"))
+DEBIAN_DATA = pathlib.Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 EVAL_BATCH = 1000  # divides the 10,000 test images: each is evaluated once
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags (of `argv`, default the command line), with this experiment's defaults."""
     parser = experiment.parser(__doc__, workdir="runs/vit_fashion_mnist", steps=1500, batch=128, log_every=100)
-    default_data = next((folder for folder in DATA_FOLDERS if folder.is_dir()), None)
+    default_data = DEBIAN_DATA if DEBIAN_DATA.is_dir() else None
     parser.add_argument("--data", type=pathlib.Path, default=default_data,
-                        help="folder of the four Fashion-MNIST IDX .gz files (default: ../shared/data/fashion-mnist "
-                             "beside the repo if present, else /usr/share/datasets/fashion-mnist, else the tfds "
+                        help="folder of the four Fashion-MNIST IDX .gz files (default: Debian's "
+                             "/usr/share/datasets/fashion-mnist if installed, else the tfds "
                              "fashion_mnist by name, which downloads if the machine has internet; "
                              f"here {default_data})")
     parser.add_argument("--data-dir", type=epath.Path, default=epath.Path("runs/data"),

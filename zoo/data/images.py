@@ -2,7 +2,7 @@
 builder (no TensorFlow needed), tfds datasets by name, synthetic images for tests, and
 resumable per-process batches with seeded pad-and-crop and horizontal-flip augmentation.
 
-    examples = fashion_mnist_examples("../shared/data/fashion-mnist", "data", "train")
+    examples = fashion_mnist_examples("/usr/share/datasets/fashion-mnist", "data", "train")
     train = ImagePipeline(examples, global_batch=256, seed=0, image_size=28, channels=1,
                           mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     batch = train.batch_at(step)    # {"image": float32 [256, 28, 28, 1], "label": int32 [256]}
