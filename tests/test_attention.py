@@ -156,7 +156,7 @@ def test_banded_memory_grows_linearly_with_length():
 
     def temp_bytes(fn, length, window=64):
         q, k, v = random_qkv(1, length, 2, 16)
-        loss = lambda q, k, v: fn(q, k, v, window=window).sum()  # noqa: E731
+        loss = lambda q, k, v: fn(q, k, v, window=window).sum()
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
 
     banded_1k, banded_2k = temp_bytes(attn.banded_attention, 1024), temp_bytes(attn.banded_attention, 2048)

@@ -83,16 +83,15 @@ def test_close_stops_the_thread_and_later_batches_stop_the_iteration():
 
 
 def test_leaving_the_block_on_an_exception_stops_the_thread():
-    with pytest.raises(RuntimeError, match="preempted"):
-        with Prefetcher(Recorder(), 0, 1000, depth=2) as batches:
-            next(batches)
-            raise RuntimeError("preempted")
+    with pytest.raises(RuntimeError, match="preempted"), Prefetcher(Recorder(), 0, 1000, depth=2) as batches:
+        next(batches)
+        raise RuntimeError("preempted")
     assert not prefetch_threads()
 
 
 def test_batches_sharded_on_the_thread_arrive_on_the_devices():
     mesh = sharding.mesh_for("data=-1")
-    batch_at = lambda step: sharding.shard_batch({"x": np.full((8, 3), step, np.float32)}, mesh)  # noqa: E731
+    batch_at = lambda step: sharding.shard_batch({"x": np.full((8, 3), step, np.float32)}, mesh)
     with Prefetcher(batch_at, 2, 4, depth=2) as batches:
         got = list(batches)
     assert [float(batch["x"][0, 0]) for batch in got] == [2.0, 3.0]
@@ -102,8 +101,9 @@ def test_batches_sharded_on_the_thread_arrive_on_the_devices():
 
 def test_the_input_benchmark_runs_at_a_tiny_size(tmp_path):
     out = tmp_path / "input.json"
-    tiny = ["--steps", "4", "--log-every", "2", "--repeats", "1", "--synthetic", "64", "--set", "num_layers=2", "--set", "d_model=32",
-            "--set", "d_ff=64", "--vocab-size", "512", "--data-dir", str(tmp_path / "data"), "--json", str(out)]
+    tiny = ["--steps", "4", "--log-every", "2", "--repeats", "1", "--synthetic", "64",
+            "--set", "num_layers=2", "--set", "d_model=32", "--set", "d_ff=64", "--vocab-size", "512",
+            "--data-dir", str(tmp_path / "data"), "--json", str(out)]
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_input.py"), *tiny],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,4 +3,4 @@
 from zoo import configs, interop, models, nn
 from zoo.models import GPT, GPTConfig, ViT, ViTConfig
 
-__all__ = ["configs", "interop", "models", "nn", "GPT", "GPTConfig", "ViT", "ViTConfig"]
+__all__ = ["GPT", "GPTConfig", "ViT", "ViTConfig", "configs", "interop", "models", "nn"]

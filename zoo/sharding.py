@@ -19,7 +19,8 @@ import contextlib
 import glob
 import math
 import pathlib
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,7 +28,6 @@ import numpy as np
 import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
 
 Rules = Sequence[tuple[str, Any]]  # (logical name, mesh axes) pairs, as flax takes them
 

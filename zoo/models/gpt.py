@@ -6,8 +6,9 @@
 - GPT-3: GPT-2 with 2048 positions and layers alternating dense and locally banded
   attention (`attention_pattern=("dense", "banded")`, `window` keys per query).
 
-All three use the tanh approximation of GELU (as released) and tie the output layer to the token embedding. The repeating `attention_pattern`
-is the unit scanned over depth: a GPT-3 pair (dense, banded) is one scan step.
+All three use the tanh approximation of GELU (as released) and tie the output layer to the token
+embedding. The repeating `attention_pattern` is the unit scanned over depth: a GPT-3 pair (dense,
+banded) is one scan step.
 Presets with the papers' sizes are in `zoo.configs`.
 """
 

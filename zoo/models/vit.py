@@ -109,7 +109,8 @@ class ViT(nn.Module):
         )
         x = nn.Dropout(cfg.dropout)(x + pos_embed.astype(x.dtype), deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x, _ = scan_layers(_EncoderLayer, cfg.num_layers, cfg.remat, cfg.scan_unroll)(cfg, name="layers")(x, deterministic)
+        layers = scan_layers(_EncoderLayer, cfg.num_layers, cfg.remat, cfg.scan_unroll)
+        x, _ = layers(cfg, name="layers")(x, deterministic)
         x = layer_norm(cfg, "final_norm")(x)
         pooled = x[:, 0] if cfg.pooling == "token" else x.mean(axis=1)
         logits = nn.Dense(

@@ -4,5 +4,5 @@ from zoo.nn.dot_product_attention import attention, banded_attention, choose_imp
 from zoo.nn.transformer import MLP, Block, SelfAttention
 
 __all__ = [
-    "attention", "banded_attention", "choose_implementation", "dense_attention", "Block", "MLP", "SelfAttention",
+    "MLP", "Block", "SelfAttention", "attention", "banded_attention", "choose_implementation", "dense_attention",
 ]

@@ -12,9 +12,9 @@ import functools
 import math
 from typing import Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax.sharding import PartitionSpec
 
 Implementation = Literal["dense", "banded", "xla", "cudnn", "splash"]
@@ -296,7 +296,7 @@ def _splash_kernel(q, k, v, *, window, interpret) -> jax.Array:
         mask_lib.MultiHeadMask([mask] * heads), block_sizes=sizes,
         head_shards=1, q_seq_shards=1, interpret=interpret,
     )
-    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, D] -> [B, H, T, D]
+    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)
     out = jax.vmap(kernel)(to_heads_first(q * _scale(q)), to_heads_first(k), to_heads_first(v))
     return to_heads_first(out).astype(q.dtype)
 

@@ -134,7 +134,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        dense = lambda features, std, names, name: nn.Dense(  # noqa: E731
+        dense = lambda features, std, names, name: nn.Dense(
             features,
             use_bias=cfg.use_bias,
             dtype=cfg.dtype,
@@ -189,7 +189,8 @@ def check_block_config(cfg: BlockConfig) -> None:
         try:
             jnp.dtype(getattr(cfg, field))
         except TypeError:
-            raise ValueError(f"{field}={getattr(cfg, field)!r} is not a dtype name such as 'float32' or 'bfloat16'")
+            value = getattr(cfg, field)
+            raise ValueError(f"{field}={value!r} is not a dtype name such as 'float32' or 'bfloat16'") from None
 
 
 def scan_layers(period: type[nn.Module], num_periods: int, remat: str, unroll: int = 1) -> type[nn.Module]:
