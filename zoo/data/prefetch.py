@@ -30,14 +30,14 @@ _DONE = object()  # the producer's last item when it handed over every batch up 
 class _Failure:
     """An exception raised by `batch_at`, carried to the consumer (its traceback goes with it)."""
 
-    def __init__(self, error: BaseException):
+    def __init__(self, error: BaseException) -> None:
         self.error = error
 
 
 class Prefetcher(Iterator[Any]):
     """Iterates over batch_at(start), ..., batch_at(stop - 1), built `depth` batches ahead on a thread."""
 
-    def __init__(self, batch_at: Callable[[int], Any], start: int, stop: int, depth: int = 2):
+    def __init__(self, batch_at: Callable[[int], Any], start: int, stop: int, depth: int = 2) -> None:
         if depth < 0:
             raise ValueError(f"depth={depth} must be >= 0 (0: no prefetching)")
         self._batch_at, self._step, self._stop = batch_at, start, stop

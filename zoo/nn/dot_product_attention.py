@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+from jax.sharding import AbstractMesh, PartitionSpec
 
 Implementation = Literal["dense", "banded", "xla", "cudnn", "splash"]
 IMPLEMENTATIONS: tuple[str, ...] = ("dense", "banded", "xla", "cudnn", "splash")
@@ -53,7 +54,8 @@ def attention(
     return fn(q, k, v, causal=causal, window=window, key_mask=key_mask)
 
 
-def _check_arguments(q, k, v, causal, window, key_mask, implementation) -> None:
+def _check_arguments(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, window: int | None,
+                     key_mask: jax.Array | None, implementation: str) -> None:
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
             f"expected q [B, T, H, D] and k, v [B, S, H, D] with matching B, H, D; "
@@ -180,7 +182,8 @@ def _softmax_weighted_sum(logits: jax.Array, allowed: jax.Array, v_strip: jax.Ar
     return jnp.einsum(spec, probs, v_strip)
 
 
-def dense_attention(q, k, v, *, causal=True, window=None, key_mask=None) -> jax.Array:
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, window: int | None = None,
+                    key_mask: jax.Array | None = None) -> jax.Array:
     """Reference: materialises all T x S logits in float32 and masks them. O(T·S) memory."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * _scale(q)
     allowed = _allowed(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]), causal, window)
@@ -189,7 +192,8 @@ def dense_attention(q, k, v, *, causal=True, window=None, key_mask=None) -> jax.
     return _softmax_weighted_sum(logits, allowed, v, "bhqk,bkhd->bqhd")
 
 
-def banded_attention(q, k, v, *, causal=True, window=None, key_mask=None) -> jax.Array:
+def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, window: int | None = None,
+                     key_mask: jax.Array | None = None) -> jax.Array:
     """Exact causal local attention in O(T·w) compute and memory.
 
     The sequence is cut into blocks of b = w positions (padded up to a multiple of b). A query
@@ -204,11 +208,11 @@ def banded_attention(q, k, v, *, causal=True, window=None, key_mask=None) -> jax
     num_blocks = -(-length // block)
     pad = num_blocks * block - length
 
-    def blocks(x):  # [B, T, ...] -> [B, n, b, ...]
+    def blocks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [B, n, b, ...]
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape(batch, num_blocks, block, *x.shape[2:])
 
-    def with_previous_block(x):  # [B, n, b, ...] -> [B, n, 2b, ...]
+    def with_previous_block(x: jax.Array) -> jax.Array:  # [B, n, b, ...] -> [B, n, 2b, ...]
         previous = jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))
         return jnp.concatenate([previous, x], axis=2)
 
@@ -230,7 +234,8 @@ def banded_attention(q, k, v, *, causal=True, window=None, key_mask=None) -> jax
     return out.reshape(batch, num_blocks * block, heads, head_dim)[:, :length]
 
 
-def _xla_attention(q, k, v, *, causal=True, window=None, key_mask=None, implementation="xla") -> jax.Array:
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, window: int | None = None,
+                   key_mask: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
     """`jax.nn.dot_product_attention`; `is_causal` is always passed with a window (SPEC.md)."""
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return jax.nn.dot_product_attention(
@@ -244,14 +249,15 @@ def _xla_attention(q, k, v, *, causal=True, window=None, key_mask=None, implemen
     )
 
 
-def _splash_attention(q, k, v, *, causal=True, window=None, key_mask=None, interpret=False) -> jax.Array:
+def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, window: int | None = None,
+                      key_mask: jax.Array | None = None, interpret: bool = False) -> jax.Array:
     """TPU Pallas splash attention, run on each device's shard of the batch and heads."""
     del causal, key_mask  # checked by `supports`: causal, no key mask
     kernel = functools.partial(_splash_kernel, window=window, interpret=interpret)
     return _on_each_shard(kernel, q, k, v)
 
 
-def _on_each_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def _on_each_shard(kernel: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """`kernel(q, k, v)` on each device's block of [batch, length, heads, head_dim] under the active
     mesh (a Pallas kernel cannot be partitioned automatically): the batch split as the logical rules
     split `batch`, the heads as they split `heads`, each only where it divides; the sequence whole.
@@ -263,19 +269,19 @@ def _on_each_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Arra
     return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
-def _shard_spec(shape: tuple[int, ...], mesh) -> PartitionSpec:
+def _shard_spec(shape: tuple[int, ...], mesh: AbstractMesh) -> PartitionSpec:
     """The partition of [batch, length, heads, head_dim] the logical rules give batch and heads on
     `mesh`, less any mesh axis of size 1 and any dimension its axes do not divide."""
     logical = nn.logical_to_mesh_axes(("batch", None, "heads", None))
 
-    def axes_for(size: int, entry) -> tuple[str, ...] | None:
+    def axes_for(size: int, entry: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
         axes = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a and mesh.shape.get(a, 1) > 1)
         return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
 
     return PartitionSpec(*(axes_for(size, entry) for size, entry in zip(shape, logical)))
 
 
-def _splash_kernel(q, k, v, *, window, interpret) -> jax.Array:
+def _splash_kernel(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int | None, interpret: bool) -> jax.Array:
     """The splash kernel on [B, T, H, D]; a lazy `LocalMask` lets it skip tiles outside the band."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib

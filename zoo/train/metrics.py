@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+from zoo.models.gpt import GPTConfig
+from zoo.models.vit import ViTConfig
 from zoo.paths import write_atomically
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
@@ -32,7 +34,7 @@ PEAK_FLOPS = {
 }
 
 
-def gpt_flops_per_token(cfg) -> float:
+def gpt_flops_per_token(cfg: GPTConfig) -> float:
     """Training FLOPs per token of a GPT (forward + backward = 3 x forward): 6 per weight of
     the matrices (the embedding as the output layer included) plus the attention logits and
     values, 12 · layers · d_model · keys seen (banded layers see at most `window` keys)."""
@@ -41,14 +43,14 @@ def gpt_flops_per_token(cfg) -> float:
     return 6 * matrices + gpt_attention_flops_per_token(cfg)
 
 
-def gpt_attention_flops_per_token(cfg) -> float:
+def gpt_attention_flops_per_token(cfg: GPTConfig) -> float:
     """The attention logits and values' share of `gpt_flops_per_token`."""
     keys = [cfg.context_length if kind == "dense" else min(cfg.window, cfg.context_length)
             for kind in cfg.attention_pattern]
     return 12 * cfg.d_model * sum(keys) * cfg.num_layers / len(keys)
 
 
-def vit_flops_per_image(cfg) -> float:
+def vit_flops_per_image(cfg: ViTConfig) -> float:
     """Training FLOPs per image of a ViT: 6 per weight per token (patch embedding and head
     neglected) plus bidirectional attention, 12 · layers · d_model · tokens per token."""
     tokens = cfg.num_positions
@@ -88,7 +90,7 @@ class MetricsWriter:
     temporary folder, copied to workdir/tensorboard at each write (as far as its writer
     thread has got) and whole at close. loss.png is drawn in memory, then written."""
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None):
+    def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None) -> None:
         self.workdir = epath.Path(workdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         if self.enabled:
