@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.nn.dot_product_attention import IMPLEMENTATIONS, attention, supports
+from zoo.report import HelpFormatter, fmt, markdown_table, settings
 
 MiB = 2**20
 CANDIDATES = ("dense", "banded", "cudnn", "splash")  # "xla" runs only when asked for
@@ -50,25 +51,9 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator if numerator is not None and denominator else None
 
 
-def fmt(value: float | int | str | None, digits: int = 2) -> str:
-    """A table cell: floats rounded, None as n/a."""
-    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """Right-aligned markdown table with padded columns."""
-    widths = [max(map(len, column)) for column in zip(header, *rows)]
-    lines = [header, ["-" * max(w - 1, 1) + ":" for w in widths], *rows]
-    return "\n".join("| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |" for cells in lines)
-
-
 def runs(impl: str, shape: tuple[int, ...], dtype: jnp.dtype, window: int) -> bool:
     """Whether supports() accepts `impl` for windowed causal attention at this shape and dtype."""
     return supports(impl, jax.ShapeDtypeStruct(shape, dtype), causal=True, window=window, key_mask=None)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows flag defaults and keeps the module docstring's line breaks."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,7 +81,7 @@ def main() -> None:
     config = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "dtype": args.dtype,
               "shape": f"[B={args.batch}, T, H={args.heads}, D={args.head_dim}]", "implementations": impls,
               "unsupported": [i for i in args.implementations if i not in impls]}
-    print("\n".join(f"- {key}: {value}" for key, value in config.items()), end="\n\n", flush=True)
+    print(settings(config), end="\n\n", flush=True)
 
     rows, results = [], {}
     for length in args.lengths:

@@ -25,16 +25,16 @@ import pathlib
 import statistics
 import tempfile
 
+import default  # experiments/default.py and experiments/vit_fashion_mnist.py, beside this file
 import jax
+import vit_fashion_mnist
 
 import zoo
 from zoo import configs, experiment, tasks
 from zoo.data.text import prepare_corpus
+from zoo.report import fmt, markdown_table
 from zoo.train.loop import LoopConfig, Task, train
 from zoo.train.steps import adamw
-
-import default  # experiments/default.py and experiments/vit_fashion_mnist.py, beside this file
-import vit_fashion_mnist
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="runs/data", help="cache of tfds builds and tokenizers")
     parser.add_argument("--vocab-size", type=int, default=default.MODEL.vocab_size,
                         help=f"default.py's tokenizer vocabulary (default {default.MODEL.vocab_size})")
+    parser.add_argument("--data", help="the ViT's Fashion-MNIST IDX folder (default as vit_fashion_mnist.py's)")
     parser.add_argument("--synthetic", type=int, metavar="N", help="the ViT on N random images instead of the data")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows to this JSON file")
     return parser.parse_args(argv)
@@ -64,16 +65,19 @@ def gpt_task(args: argparse.Namespace) -> tuple[Task, int]:
     cfg = configs.override(default.MODEL, args.set)
     corpus = prepare_corpus(flags.data_dir, cfg.context_length, flags.vocab_size)
     cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
-    return tasks.language_model(zoo.GPT(cfg), corpus.train, corpus.validation, flags.batch, flags.seed), flags.batch
+    task = tasks.language_model(zoo.GPT(cfg), corpus.train, corpus.validation, flags.batch, flags.seed, eval_batches=0)
+    return task, flags.batch
 
 
 def vit_task(args: argparse.Namespace) -> tuple[Task, int]:
     """vit_fashion_mnist.py's model and augmented training images, and its batch."""
+    data = ["--data", args.data] if args.data else []
     synthetic = ["--synthetic", str(args.synthetic)] if args.synthetic else []
-    flags = vit_fashion_mnist.parse_args(["--data-dir", args.data_dir, *synthetic])
+    flags = vit_fashion_mnist.parse_args(["--data-dir", args.data_dir, *data, *synthetic])
     cfg = configs.override(vit_fashion_mnist.MODEL, args.set)
-    images = vit_fashion_mnist.pipeline(vit_fashion_mnist.examples(flags, "train"), flags.batch, cfg, flags, True)
-    return tasks.image_classifier(zoo.ViT(cfg), images, images), flags.batch
+    source = vit_fashion_mnist.image_data(flags)
+    images = source.pipeline(source.examples(cfg, "train"), flags.batch, cfg, flags.seed, training=True)
+    return tasks.image_classifier(zoo.ViT(cfg), images, images, eval_batches=0), flags.batch
 
 
 def step_ms(task: Task, mesh: jax.sharding.Mesh, args: argparse.Namespace) -> list[float]:
@@ -81,7 +85,7 @@ def step_ms(task: Task, mesh: jax.sharding.Mesh, args: argparse.Namespace) -> li
     loop = LoopConfig(steps=args.steps, log_every=args.log_every, checkpoint_every=args.steps, progress=False,
                       prefetch=args.prefetch)
     with tempfile.TemporaryDirectory() as workdir:
-        train(dataclasses.replace(task, eval_batches=None), adamw(1e-3, args.steps, 1), mesh, workdir, loop, {})
+        train(task, adamw(1e-3, args.steps, 1), mesh, workdir, loop, {})
         records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return [1000 * record["step_s"] for record in records[1:]]
 
@@ -103,13 +107,12 @@ def compare(task: Task, mesh: jax.sharding.Mesh, args: argparse.Namespace) -> tu
     return statistics.median(real), statistics.median(fixed)
 
 
-def print_table(rows: list[dict]) -> None:
+def table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
-    print("| experiment | batch | devices | prefetch | real ms/step | constant ms/step | real / constant |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['experiment']} | {row['batch']} | {row['devices']} | {row['prefetch']} | {row['real_ms']:.1f} "
-              f"| {row['constant_ms']:.1f} | {row['ratio']:.3f} |")
+    header = ["experiment", "batch", "devices", "prefetch", "real ms/step", "constant ms/step", "real / constant"]
+    return markdown_table(header, [[row["experiment"], fmt(row["batch"]), row["devices"], fmt(row["prefetch"]),
+                                    fmt(row["real_ms"], 1), fmt(row["constant_ms"], 1), fmt(row["ratio"], 3)]
+                                   for row in rows], left=1)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             real, fixed = compare(task, mesh, args)
             rows.append({"experiment": name, "batch": batch, "devices": devices, "prefetch": args.prefetch,
                          "real_ms": real, "constant_ms": fixed, "ratio": real / fixed})
-    print_table(rows)
+    print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows

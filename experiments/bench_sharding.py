@@ -36,14 +36,11 @@ import jax
 from zoo import bench, configs, sharding
 from zoo.models.gpt import GPTConfig
 from zoo.models.vit import ViTConfig
+from zoo.report import HelpFormatter, fmt, markdown_table, settings
 
 MiB = 2**20
 SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A",
          "collective-permute": "CP"}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows flag defaults and keeps the module docstring's line breaks."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,8 +86,8 @@ def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int, devices: list | 
     except ValueError as error:
         return str(error)
     batch_shards, tensor = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"]
-    sizes = {"micro-batch": (batch // accumulation_steps, batch_shards, "data x fsdp"), "num_heads": (cfg.num_heads, tensor, "tensor"),
-             "d_ff": (cfg.d_ff, tensor, "tensor")}
+    sizes = {"micro-batch": (batch // accumulation_steps, batch_shards, "data x fsdp"),
+             "num_heads": (cfg.num_heads, tensor, "tensor"), "d_ff": (cfg.d_ff, tensor, "tensor")}
     if isinstance(cfg, GPTConfig):
         sizes["vocab_size"] = (cfg.vocab_size, tensor, "tensor")
     bad = [f"{name}={size} is not a multiple of {axes}={shards}"
@@ -117,11 +114,6 @@ def measure(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int, t
         return {"layout": layout, "skipped": f"does not fit: {str(error).splitlines()[0]}"}
 
 
-def fmt(value: float | int | str | None, digits: int = 2) -> str:
-    """A table cell: floats rounded, None as n/a."""
-    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def mib(value: int | None) -> float | None:
     """Bytes as MiB (None stays None)."""
     return None if value is None else value / MiB
@@ -131,13 +123,6 @@ def collective_cell(found: dict[str, dict[str, int]]) -> str:
     """E.g. "AG 38 × 0.14, AR 7 × 0.08": count and MiB per kind that occurs."""
     return ", ".join(f"{SHORT[kind]} {c['count']} × {c['bytes'] / MiB:.2f}" for kind, c in found.items()
                      if c["count"]) or "none"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """Right-aligned markdown table with padded columns."""
-    widths = [max(map(len, column)) for column in zip(header, *rows)]
-    lines = [header, ["-" * max(w - 1, 1) + ":" for w in widths], *rows]
-    return "\n".join("| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |" for cells in lines)
 
 
 def throughput(per_s: float) -> str:
@@ -233,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         config |= {"repeats": args.repeats, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
                    "devices": jax.device_count()}
-    print("\n".join(f"- {key}: {value}" for key, value in config.items()), end="\n\n", flush=True)
+    print(settings(config), end="\n\n", flush=True)
     results = [measure(cfg, layout, args.batch, args.repeats, args.topology, args.chip is not None, args.grad_accum)
                for layout in args.layouts]
     rows = [row for row in results if "skipped" not in row]

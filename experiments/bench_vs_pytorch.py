@@ -13,7 +13,11 @@ Default shape: gpt2-small's vocabulary (whose output layer dominates a small GPT
 One device (jax.devices()[0]); torch uses os.cpu_count() threads. MFU is model FLOPs per second
 over the device's peak (on a CPU, measured by XLA on a float32 2048² matmul): near 1, a framework
 can only win by doing less arithmetic.
+
+Needs the interop extra (torch, transformers): pip install -e ".[interop]"
 """
+
+from __future__ import annotations
 
 import argparse
 import copy
@@ -22,27 +26,24 @@ import json
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing comes from the hub: the model is built from a config
+import jax
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
+from zoo import configs, interop
+from zoo.models.gpt import GPT, GPTConfig
+from zoo.report import HelpFormatter, markdown_table, settings
+from zoo.train.metrics import device_peak_flops, gpt_flops_per_token
+from zoo.train.steps import next_token_loss, train_state, train_step_fn
 
-from zoo import configs, interop  # noqa: E402
-from zoo.models.gpt import GPT, GPTConfig  # noqa: E402
-from zoo.train.metrics import device_peak_flops, gpt_flops_per_token  # noqa: E402
-from zoo.train.steps import next_token_loss, train_state, train_step_fn  # noqa: E402
+if TYPE_CHECKING:
+    import torch
 
 SHAPE = dict(num_layers=4, d_model=256, num_heads=4, context_length=128, dropout=0.0)
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows flag defaults and keeps the module docstring's line breaks."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,8 +67,21 @@ def model_config(assignments: list[str]) -> GPTConfig:
     return cfg
 
 
+def import_interop() -> tuple[Any, Any]:
+    """The torch and transformers modules, imported only when a run needs them (--help does not);
+    without them, stop naming the extra that installs them."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing comes from the hub: the model is built from a config
+    try:
+        import torch
+        import transformers
+    except ImportError as error:
+        raise SystemExit(f"{error}: this benchmark needs the interop extra: pip install -e \".[interop]\"") from None
+    return torch, transformers
+
+
 def torch_model(cfg: GPTConfig) -> torch.nn.Module:
     """A freshly initialised GPT2LMHeadModel with cfg's shape, activation, LayerNorm eps and dropout."""
+    _, transformers = import_interop()
     activation = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
     hf_config = transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model, n_layer=cfg.num_layers,
@@ -96,6 +110,7 @@ def zoo_step(cfg: GPTConfig, params: dict, tokens: np.ndarray) -> Callable[[], f
 
 def torch_step(model: torch.nn.Module, tokens: np.ndarray) -> Callable[[], float]:
     """One eager PyTorch train step per call: forward, cross-entropy, backward, AdamW."""
+    torch, _ = import_interop()
     optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
     batch = torch.from_numpy(tokens.astype(np.int64))
     inputs, targets = batch[:, :-1], batch[:, 1:].reshape(-1)
@@ -131,14 +146,13 @@ def table(rows: list[dict]) -> str:
     cells = [[r["framework"], f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['vs_pytorch']:.2f}",
               f"{r['mfu']:.2f}", f"{r['first_step_s']:.2f}", f"{r['first_loss']:.6f}", f"{r['losses'][-1]:.6f}"]
              for r in rows]
-    widths = [max(map(len, column)) for column in zip(header, *cells)]
-    lines = [header, ["-" * w for w in widths], *cells]
-    return "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines)
+    return markdown_table(header, cells, left=1)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Time both frameworks on one model and batch, print the table and optionally write JSON."""
     args = parse_args(argv)
+    torch, _ = import_interop()
     torch.set_num_threads(os.cpu_count())
     cfg = model_config(args.set)
     torch.manual_seed(0)
@@ -150,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
               "steps": args.steps, "adamw": ADAMW, "jax": f"{jax.__version__} on {jax.devices()[0]}",
               "torch": f"{torch.__version__}, {torch.get_num_threads()} threads (os.cpu_count()), "
                        f"{model.config._attn_implementation} attention"}
-    print("\n".join(f"- {key}: {value}" for key, value in config.items()), end="\n\n", flush=True)
+    print(settings(config), end="\n\n", flush=True)
 
     timing = (args.warmup, args.steps, args.batch * cfg.context_length)
     rows = [measure("zoo (jax.jit)", zoo_step(cfg, params, tokens), *timing),

@@ -1,6 +1,6 @@
-"""GPT-2 small (124M) on OpenWebText, the recipe of the GPT-2 reproductions: AdamW
-β = (0.9, 0.95), lr 6e-4 with 2,000 warm-up steps then cosine, weight decay 0.1,
-batch 480 × 1024 tokens, bf16 compute.
+"""GPT-2 small (124M) on OpenWebText, the recipe of the GPT-2 reproductions (zoo.train.recipes
+"gpt2-small"): AdamW β = (0.9, 0.95), lr 6e-4 with 2,000 warm-up steps then cosine to 10% at the
+end of the run, weight decay 0.1, clipping 1.0, batch 480 × 1024 tokens, bf16 compute.
 
     # OpenWebText is not in tfds: export it as DIR/train/*.txt and DIR/validation/*.txt
     python experiments/gpt2_small_openwebtext.py --text-dir /data/openwebtext --mesh fsdp=-1
@@ -19,7 +19,7 @@ def main() -> None:
     parser = experiment.parser(__doc__, workdir="runs/gpt2-small-openwebtext", steps=600_000, batch=480,
                                checkpoint_every=1000)
     experiment.add_text_flags(parser, vocab_size=50257)
-    experiment.run_language_model(parser.parse_args(), cfg, learning_rate=6e-4, warmup=2000)
+    experiment.run_language_model(parser.parse_args(), cfg, "gpt2-small")
 
 
 if __name__ == "__main__":

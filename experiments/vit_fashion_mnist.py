@@ -1,93 +1,85 @@
 """A small ViT learns Fashion-MNIST from scratch on a laptop CPU: about 87% test accuracy in
 under 4 minutes on 2 cores.
 
-    python experiments/vit_fashion_mnist.py                       # defaults: a few minutes on 2 cores
-    python experiments/vit_fashion_mnist.py --data ~/fashion-mnist --set num_layers=6
+    python experiments/vit_fashion_mnist.py --data ~/fashion-mnist      # a few minutes on 2 cores
+    ZOO_DATA_DIR=/usr/share/datasets python experiments/vit_fashion_mnist.py --set num_layers=6
+    python experiments/vit_fashion_mnist.py --download                  # tfds's fashion_mnist, from the internet
     python experiments/vit_fashion_mnist.py --synthetic 256 --steps 3 --batch 16   # a smoke run, no data
+
+The data: --data names a folder of the four IDX .gz files (default $ZOO_DATA_DIR/fashion-mnist,
+where Debian's dataset-fashion-mnist package puts them with ZOO_DATA_DIR=/usr/share/datasets); they
+are built once into a tfds dataset in --data-dir. Without them, tfds's fashion_mnist already built in
+--data-dir, or downloaded there with --download; with none of these the run stops at once and says so.
 
 The model: 4 x 4 patches of 7 x 7 pixels, 4 pre-LN layers of width 64 (4 heads, MLP 256), the
 [CLS] token's output classified, weights initialised with std 0.1 (the presets' 0.02 learns far
 more slowly at this width). AdamW with linear warm-up and cosine decay to 0; random horizontal
-flips only (in 3 epochs the model underfits: random shifts cost accuracy). The four IDX files are built
-once into a tfds dataset in --data-dir; all 10,000 test images are evaluated at the end.
-Rerunning in the same --workdir resumes.
+flips only (in 3 epochs the model underfits: random shifts cost accuracy). All 10,000 test images
+are evaluated at the end. Rerunning in the same --workdir resumes.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import pathlib
 
-import jax
 from etils import epath
 
 import zoo
-from zoo import experiment, tasks
-from zoo.data.images import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, ArrayExamples, ImagePipeline,
-                             fashion_mnist_examples, synthetic_examples, tfds_examples)
-from zoo.train import adamw
-from zoo.train.loop import train
+from zoo import experiment
+from zoo.data import images
+from zoo.train.recipes import Recipe
 
 MODEL = zoo.ViTConfig(image_size=28, patch_size=7, num_channels=1, num_classes=10, num_layers=4, d_model=64,
                       num_heads=4, d_ff=256, pooling="token", init_std=0.1)
-DEBIAN_DATA = pathlib.Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+LEARNING_RATE, WARMUP = 2e-3, 100
 EVAL_BATCH = 1000  # divides the 10,000 test images: each is evaluated once
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags (of `argv`, default the command line), with this experiment's defaults."""
+    """The flags (of `argv`, default the command line), with this experiment's defaults; stops at
+    once, naming what to pass, when no data is at hand."""
     parser = experiment.parser(__doc__, workdir="runs/vit_fashion_mnist", steps=1500, batch=128, log_every=100)
-    default_data = DEBIAN_DATA if DEBIAN_DATA.is_dir() else None
+    default_data = images.local_dataset("fashion-mnist")
     parser.add_argument("--data", type=pathlib.Path, default=default_data,
-                        help="folder of the four Fashion-MNIST IDX .gz files (default: Debian's "
-                             "/usr/share/datasets/fashion-mnist if installed, else the tfds "
-                             "fashion_mnist by name, which downloads if the machine has internet; "
-                             f"here {default_data})")
+                        help=f"folder of the four Fashion-MNIST IDX .gz files (default "
+                             f"${images.DATA_ENV}/fashion-mnist where that exists; here {default_data})")
     parser.add_argument("--data-dir", type=epath.Path, default=epath.Path("runs/data"),
                         help="cache of the tfds build (default runs/data)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
-    parser.add_argument("--synthetic", type=int, metavar="N",
+    parser.add_argument("--download", action="store_true",
+                        help="without --data: download tfds's fashion_mnist into --data-dir (needs the internet)")
+    parser.add_argument("--synthetic", type=experiment.positive, metavar="N",
                         help="train and test on N random 28 x 28 images instead of the data (tests, smoke runs)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not (args.synthetic or args.data or args.download or images.tfds_prepared("fashion_mnist", args.data_dir)):
+        parser.error(f"no Fashion-MNIST here: pass --data DIR (the four IDX .gz files), set {images.DATA_ENV} to a "
+                     f"folder holding fashion-mnist/, pass --download to fetch tfds's fashion_mnist into "
+                     f"--data-dir {args.data_dir}, or --synthetic N for random images")
+    return args
 
 
-def examples(args: argparse.Namespace, split: str) -> ArrayExamples:
+def examples(args: argparse.Namespace, split: str) -> images.ArrayExamples:
     """The `split` ("train" or "test") of the data the flags name."""
     if args.synthetic:
-        return synthetic_examples(args.synthetic, 28, 1, 10, seed=args.seed + (split == "test"))
+        return images.synthetic_examples(args.synthetic, 28, 1, 10, seed=args.seed + (split == "test"))
     if args.data is None:
-        return tfds_examples("fashion_mnist", split, args.data_dir)
-    return fashion_mnist_examples(args.data, args.data_dir, split)
+        return images.tfds_examples("fashion_mnist", split, args.data_dir, download=args.download)
+    return images.fashion_mnist_examples(args.data, args.data_dir, split)
 
 
-def pipeline(data: ArrayExamples, batch: int, cfg: zoo.ViTConfig, args: argparse.Namespace,
-             train_split: bool) -> ImagePipeline:
-    """Normalised batches of `data`: shuffled and flipped for training, in order for evaluation."""
-    return ImagePipeline(data, batch, args.seed, cfg.image_size, cfg.num_channels, FASHION_MNIST_MEAN,
-                         FASHION_MNIST_STD, jax.process_index(), jax.process_count(), augment=train_split, pad=0,
-                         shuffle=train_split)
+def image_data(args: argparse.Namespace) -> experiment.ImageData:
+    """The data the flags name: flipped, not shifted, in training; every test image evaluated once."""
+    return experiment.ImageData(lambda cfg, split: examples(args, split), images.FASHION_MNIST_MEAN,
+                                images.FASHION_MNIST_STD, pad=0, eval_split="test",
+                                eval_batch=math.gcd(args.synthetic or 10_000, EVAL_BATCH))
 
 
 def main() -> None:
     args = parse_args()
-    mesh = experiment.start(args)
-    experiment.check_batch(args, mesh)
-    cfg = zoo.configs.override(MODEL, args.set)
-    train_data, test_data = examples(args, "train"), examples(args, "test")
-    eval_batch = math.gcd(len(test_data), EVAL_BATCH)
-    print(f"{len(train_data):,} training and {len(test_data):,} test images; mesh {dict(mesh.shape)} over "
-          f"{jax.device_count()} {jax.devices()[0].platform} devices")
-
-    task = tasks.image_classifier(zoo.ViT(cfg), pipeline(train_data, args.batch, cfg, args, True),
-                                  pipeline(test_data, eval_batch, cfg, args, False))
-    summary = train(task, adamw(args.lr, args.steps, args.warmup, final_lr_fraction=0.0), mesh, args.workdir,
-                    experiment.loop_config(args), {"model": dataclasses.asdict(cfg), "args": vars(args)})
-    if not summary.get("preempted"):
-        print(f"step {args.steps}: test accuracy {summary['eval_accuracy']:.2%} on {len(test_data):,} images "
-              f"(loss {summary['eval_loss']:.3f})")
+    recipe = Recipe(LEARNING_RATE, WARMUP, max(args.steps, WARMUP + 1), final_lr_fraction=0.0, weight_decay=0.1,
+                    betas=(0.9, 0.95))
+    experiment.run_image_classifier(args, MODEL, recipe, image_data(args))
 
 
 if __name__ == "__main__":

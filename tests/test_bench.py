@@ -57,7 +57,7 @@ ENTRY %main (a: f32[8,128], b: bf16[64]) -> f32[8,128] {
   %w = (s32[], bf16[4,256]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   ROOT %out = f32[8,128]{1,0} add(%cpd, %ard)
 }
-"""
+"""  # noqa: E501 (HLO instructions are one line each)
 
 
 def test_shape_bytes_of_arrays_tuples_and_dtypes():
@@ -282,12 +282,6 @@ def run(*args: str) -> str:
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
-
-
-def test_help_lists_the_flags():
-    out = run("--help")
-    assert all(flag in out for flag in ("--preset", "--set", "--layouts", "--batch", "--repeats", "--json", "--plot",
-                                       "--topology"))
 
 
 def test_tiny_run_reports_every_layout(tmp_path):

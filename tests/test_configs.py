@@ -37,7 +37,8 @@ def test_every_vit_size_and_patch_is_a_preset():
 def test_gpt_family_differences_are_config():
     gpt1, gpt2, gpt3 = configs.gpt("gpt1"), configs.gpt("gpt2-small"), configs.gpt("gpt3-small")
     assert (gpt1.norm_position, gpt1.final_norm, gpt1.context_length) == ("post", False, 512)
-    assert (gpt2.norm_position, gpt2.final_norm, gpt2.context_length, gpt2.activation) == ("pre", True, 1024, "gelu_tanh")
+    assert (gpt2.norm_position, gpt2.final_norm, gpt2.context_length) == ("pre", True, 1024)
+    assert gpt2.activation == "gelu_tanh"
     assert gpt2.attention_pattern == ("dense",)
     assert gpt3 == dataclasses.replace(gpt2, context_length=2048, attention_pattern=("dense", "banded"), window=256)
 
@@ -99,3 +100,40 @@ def test_bad_gpt_configs_name_the_field(fields, message):
 def test_bad_vit_configs_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         zoo.ViTConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("num_layers=two", r"GPTConfig\.num_layers='two': expected int, got str"),
+        ("dropout=abc", r"GPTConfig\.dropout='abc': expected float, got str"),
+        ("window=abc", r"GPTConfig\.window='abc': expected int, got str"),
+        ("num_layers=2.5", r"GPTConfig\.num_layers=2\.5: expected int, got float"),
+        ("num_layers=True", r"GPTConfig\.num_layers=True: expected int, got bool"),
+        ("final_norm=1", r"GPTConfig\.final_norm=1: expected bool, got int"),
+        ("attention_pattern=dense", r"GPTConfig\.attention_pattern='dense': expected tuple\[str, \.\.\.\], got str"),
+        ("attention_pattern=('dense', 2)", r"expected tuple\[str, \.\.\.\]"),
+        ("attention_impl=3", r"GPTConfig\.attention_impl=3: expected str \| None, got int"),
+    ],
+)
+def test_overrides_of_the_wrong_type_name_field_value_and_type(assignment, message):
+    with pytest.raises(TypeError, match=message):
+        configs.override(configs.gpt("gpt2-small"), [assignment])
+
+
+def test_overrides_accept_what_the_field_types_allow():
+    cfg = configs.override(configs.gpt("gpt2-small"), [
+        "dropout=0", "num_layers=6", "dtype=bfloat16", "final_norm=False", "attention_impl=None",
+        "attention_pattern=['dense', 'banded']", "window=8"])
+    assert (cfg.dropout, cfg.num_layers, cfg.dtype, cfg.final_norm, cfg.attention_impl) == (0.0, 6, "bfloat16", False,
+                                                                                            None)
+    assert isinstance(cfg.dropout, float) and cfg.attention_pattern == ("dense", "banded")
+    assert configs.override(configs.vit("vit-b/16"), ["image_size=32"]).image_size == (32, 32)  # a square
+    assert configs.override(configs.vit("vit-b/16"), ["image_size=(32, 48)"]).image_size == (32, 48)
+    with pytest.raises(TypeError, match=r"ViTConfig\.image_size='big': expected tuple\[int, int\], got str"):
+        configs.override(configs.vit("vit-b/16"), ["image_size=big"])
+
+
+def test_keyword_overrides_are_type_checked_too():
+    with pytest.raises(TypeError, match=r"GPTConfig\.num_heads='4': expected int, got str"):
+        configs.gpt("gpt2-small", num_heads="4")

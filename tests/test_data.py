@@ -3,6 +3,7 @@
 
 import gzip
 import pathlib
+import re
 import struct
 
 import numpy as np
@@ -13,9 +14,9 @@ from tensorflow_datasets.core.data_sources.array_record import ArrayRecordDataSo
 from zoo.data import images, shakespeare, text
 from zoo.tokenizer import train_tokenizer
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_fashion_mnist = pytest.mark.skipif(not (SHARED / "fashion-mnist").is_dir(),
-                                         reason=f"real Fashion-MNIST not at {SHARED / 'fashion-mnist'}")
+FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST.is_dir(),
+                                         reason=f"real Fashion-MNIST not at {FASHION_MNIST}")
 
 
 @pytest.fixture
@@ -30,6 +31,22 @@ def mock_tfds(monkeypatch):
 def tokenizer(tmp_path_factory):
     corpus = "".join(shakespeare.works()[name][:20_000] for name in ("hamlet", "sonnets"))
     return train_tokenizer([corpus], tmp_path_factory.mktemp("tok") / "bpe", 400)
+
+
+def write_text_dir(folder: pathlib.Path, splits: dict[str, dict[str, str]]) -> pathlib.Path:
+    """`folder`/<split>/<name>.txt for each {split: {name: text}}."""
+    for split, documents in splits.items():
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for name, document in documents.items():
+            (folder / split / f"{name}.txt").write_text(document, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def text_dir(tmp_path) -> pathlib.Path:
+    plays = shakespeare.works()
+    return write_text_dir(tmp_path / "plays", {"train": {name: plays[name][:8000] for name in ("hamlet", "lear")},
+                                                "validation": {"macbeth": plays["macbeth"][:2000]}})
 
 
 # --- shuffling and batches -------------------------------------------------------------------
@@ -78,7 +95,7 @@ def test_resume_at_step_k_replays_the_uninterrupted_run():
 
 def test_resume_with_another_seed_is_refused():
     pipeline = text.TextPipeline(np.zeros((4, 3)), 2, seed=0)
-    with pytest.raises(ValueError, match="seed 1 .* seed 0"):
+    with pytest.raises(ValueError, match=r"seed 1 .* seed 0"):
         pipeline.set_state({"step": 3, "seed": 1})
 
 
@@ -94,7 +111,7 @@ def test_process_slices_are_disjoint_and_make_up_the_global_batch():
 
 
 def test_bad_process_settings_are_named():
-    with pytest.raises(ValueError, match="global_batch=6 .* process_count=4"):
+    with pytest.raises(ValueError, match=r"global_batch=6 .* process_count=4"):
         text.TextPipeline(np.zeros((10, 3)), 6, seed=0, process_count=4)
     with pytest.raises(ValueError, match="process_index=2"):
         text.TextPipeline(np.zeros((10, 3)), 6, seed=0, process_index=2, process_count=2)
@@ -110,7 +127,7 @@ def test_unshuffled_batches_are_in_order():
 
 def test_packing_keeps_every_token_in_order_with_eos_after_each_document(tokenizer):
     docs = ["First document.\n", "Second, longer document: 日本 ▁ 🎭.\n" * 5, "x"]
-    stream = sum((tokenizer.encode(doc) + [tokenizer.eos_id] for doc in docs), [])
+    stream = [token for doc in docs for token in [*tokenizer.encode(doc), tokenizer.eos_id]]
     rows = text.packed_rows(tokenizer, docs, length=7)
     assert rows.dtype == np.int32 and rows.shape == (len(stream) // 8, 8)
     assert rows.ravel().tolist() == stream[:rows.size]
@@ -122,17 +139,79 @@ def test_packing_too_little_text_is_an_error(tokenizer):
         text.packed_rows(tokenizer, ["hi"], length=64)
 
 
-def test_local_text_files_build_once_and_read_back(tmp_path):
-    source = tmp_path / "source"
-    for split, names in {"train": ("b", "a", "c"), "validation": ("z",)}.items():
-        (source / split).mkdir(parents=True)
-        for name in names:
-            (source / split / f"{name}.txt").write_text(f"text of {name} ▁ é\n\n", encoding="utf-8")
+def test_local_text_files_build_once_and_read_back(tmp_path, capsys):
+    splits = {"train": {name: f"text of {name} ▁ é\n\n" for name in "bac"}, "validation": {"z": "zz"}}
+    source = write_text_dir(tmp_path / "source", splits)
     builder = text.build_text_files(source, tmp_path / "data", "demo")
     assert list(text.source_texts(builder.as_data_source("train"))) == [f"text of {n} ▁ é\n\n" for n in "abc"]
     assert list(text.source_texts(builder.as_data_source("validation"), "name")) == ["z"]
-    again = text.build_text_files(tmp_path / "gone", tmp_path / "data", "demo")  # cached: source not read
-    assert len(again.as_data_source("train")) == 3
+    printed = capsys.readouterr().out
+    assert f"building tfds local_text_files/{builder.builder_config.name} from {source}" in printed
+    assert "Downloading" not in printed and "downloaded" not in printed  # tfds's wording for a download
+    again = text.build_text_files(source, tmp_path / "data", "demo")
+    assert again.builder_config.name == builder.builder_config.name and not capsys.readouterr().out  # reused
+
+
+def test_a_text_folder_is_rebuilt_when_its_files_change(tmp_path):
+    source = write_text_dir(tmp_path / "source", {"train": {"a": "old text"}, "validation": {"z": "zz"}})
+    before = text.build_text_files(source, tmp_path / "data", "demo")
+    (source / "train" / "a.txt").write_text("new text", encoding="utf-8")
+    after = text.build_text_files(source, tmp_path / "data", "demo")
+    assert list(text.source_texts(after.as_data_source("train"))) == ["new text"]
+    assert list(text.source_texts(before.as_data_source("train"))) == ["old text"]
+
+
+def test_a_missing_text_folder_or_split_is_named_with_the_layout(tmp_path):
+    layout = re.escape("DIR/train/*.txt and DIR/<eval split>/*.txt")
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=rf"text folder {re.escape(str(missing))} does not exist.*{layout}"):
+        text.prepare_corpus(tmp_path / "data", 8, 300, text_dir=missing)
+    source = write_text_dir(tmp_path / "source", {"train": {"a": "some text"}})
+    with pytest.raises(FileNotFoundError, match=rf"no validation/\*\.txt files \(splits found: train\).*{layout}"):
+        text.prepare_corpus(tmp_path / "data", 8, 300, text_dir=source)
+    with pytest.raises(FileNotFoundError, match=r"no train/\*\.txt files \(splits found: none\)"):
+        text.prepare_corpus(tmp_path / "data", 8, 300, text_dir=source / "train")
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_shipped_corpus_names_its_splits(tmp_path):
+    with pytest.raises(ValueError, match="the shipped Shakespeare has the splits train and validation, not 'test'"):
+        text.prepare_corpus(tmp_path, 8, 300, eval_split="test")
+
+
+def test_a_given_tokenizer_is_used_for_every_corpus(tmp_path, tokenizer, text_dir):
+    given = tmp_path / "given.model"
+    given.write_bytes(tokenizer._sp.serialized_model_proto())
+    for source in ({}, {"text_dir": text_dir}):  # {}: the shipped Shakespeare
+        corpus = text.prepare_corpus(tmp_path / "data", 16, 4096, tokenizer_path=given, max_documents=1, **source)
+        assert corpus.tokenizer.vocab_size == tokenizer.vocab_size == 400 > int(corpus.train.max())
+        assert corpus.tokenizer.encode("To be, or not") == tokenizer.encode("To be, or not")
+    assert not (tmp_path / "data" / "tokenizers").exists()
+
+
+def test_a_missing_or_invalid_tokenizer_is_named_before_anything_is_built(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model", encoding="utf-8")
+    for path, error in ((tmp_path, IsADirectoryError), (tmp_path / "missing.model", FileNotFoundError),
+                        (tmp_path / "notes.txt", ValueError)):
+        with pytest.raises(error, match=re.escape(str(path))):
+            text.prepare_corpus(tmp_path / "data", 16, 300, tokenizer_path=path)
+    assert not (tmp_path / "data").exists()
+
+
+def test_tokenizers_are_keyed_by_the_documents_they_learn_from(tmp_path, text_dir):
+    one, two, again = (text.prepare_corpus(tmp_path, 16, 400, text_dir=text_dir, max_documents=n) for n in (1, 2, 1))
+    assert len(list((tmp_path / "tokenizers").glob("plays-bpe400-*.model"))) == 2
+    assert one.tokenizer._sp.serialized_model_proto() != two.tokenizer._sp.serialized_model_proto()
+    np.testing.assert_array_equal(again.train, one.train)
+
+
+@pytest.mark.parametrize("bad", [-1, 50])
+def test_token_ids_outside_the_vocabulary_are_named(bad):
+    rows = np.array([[1, 2, 3], [4, bad, 5]])
+    low, high = min(bad, 1), max(bad, 5)
+    with pytest.raises(ValueError, match=rf"validation rows hold token ids in \[{low}, {high}\], outside \[0, 50\)"):
+        text.check_token_ids(rows, 50, "validation")
+    text.check_token_ids(np.array([[0, 49]]), 50, "training")
 
 
 def test_shipped_shakespeare_packs_through_tfds_and_is_cached(tmp_path):
@@ -209,13 +288,13 @@ def test_fashion_mnist_builder_keeps_the_idx_order(idx_folder, tmp_path):
 
 
 def test_fashion_mnist_builder_names_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte.gz"):
+    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte\.gz"):
         images.build_fashion_mnist(tmp_path, tmp_path / "data")
 
 
 @needs_fashion_mnist
 def test_real_fashion_mnist_idx_files():
-    folder = SHARED / "fashion-mnist"
+    folder = FASHION_MNIST
     train_images, train_labels = images.read_idx_pair(folder / "train-images-idx3-ubyte.gz",
                                                       folder / "train-labels-idx1-ubyte.gz")
     assert train_images.shape == (60000, 28, 28, 1)
@@ -304,10 +383,18 @@ def test_images_without_a_channel_axis_are_named():
 
 
 def test_fit_image_resizes_to_cover_then_centre_crops():
-    for shape in ((10, 25, 3), (40, 30, 3), (7, 7, 1), (16, 16, 3)):
+    """The image is scaled (aspect kept) just enough to cover the target, then its centre is cut out."""
+    wide = np.arange(2 * 6 * 1, dtype=np.uint8).reshape(2, 6, 1)  # already the target height: a crop only
+    np.testing.assert_array_equal(images.fit_image(wide, (2, 2)), wide[:, 2:4])
+    np.testing.assert_array_equal(images.fit_image(np.full((1, 1, 3), 7, np.uint8), (3, 5)), np.full((3, 5, 3), 7))
+    halves = np.zeros((10, 25, 1), np.uint8)
+    halves[:, 13:] = 250  # dark left half, bright right half
+    fitted = images.fit_image(halves, (16, 12))  # 10 rows to 16: 25 columns to 40, the middle 12 kept
+    assert fitted.shape == (16, 12, 1) and fitted.dtype == np.uint8
+    assert (fitted[:, :5] < 10).all() and (fitted[:, 8:] > 240).all()  # the edge stays in the middle
+    for shape in ((40, 30, 3), (16, 16, 3)):
         image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-        fitted = images.fit_image(image, (16, 12))
-        assert fitted.shape == (16, 12, shape[2]) and fitted.dtype == np.uint8
+        assert images.fit_image(image, (16, 12)).shape == (16, 12, 3)
 
 
 def test_tfds_image_datasets_by_name(mock_tfds):

@@ -1,12 +1,10 @@
 """Experiments run end to end from the command line (tiny settings), and say what they take."""
 
 import json
-import re
 import pathlib
+import re
 import subprocess
 import sys
-
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -20,9 +18,57 @@ def run(script: str, *args: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("script", ["default.py", "bench_attention.py", "gpt3.py", "gpt2_small_openwebtext.py"])
-def test_help_lists_the_flags(script):
-    assert "--help" in run(script, "--help")
+TRAINING = ("--workdir", "--mesh", "--steps", "--batch", "--set", "--seed", "--lr", "--warmup")
+TEXT = (*TRAINING, "--text-dir", "--tfds", "--tokenizer", "--data-dir")
+FLAGS_USERS_NEED = {
+    "default.py": TEXT,
+    "gpt3.py": (*TEXT, "--preset"),
+    "gpt2_small_openwebtext.py": TEXT,
+    "vit_fashion_mnist.py": (*TRAINING, "--data", "--download", "--synthetic", "ZOO_DATA_DIR"),
+    "vit_b16_imagenet.py": (*TRAINING, "--data-dir", "--mock"),
+    "bench_attention.py": ("--lengths", "--windows", "--implementations", "--repeats", "--json"),
+    "bench_input.py": ("--experiments", "--steps", "--prefetch", "--synthetic", "--json"),
+    "bench_sharding.py": ("--preset", "--layouts", "--batch", "--chip", "--topology", "--json"),
+    "bench_vs_pytorch.py": ("--batch", "--steps", "--set", "--torch-compile", "--json", 'pip install -e ".[interop]"'),
+}
+# Runs each experiment's --help in one process (one start-up of jax and tfds for all), with the
+# optional extras (interop's torch and transformers, gcs's gcsfs) made unimportable.
+HELP_WITHOUT_EXTRAS = """
+import contextlib, io, json, runpy, sys
+sys.modules.update(dict.fromkeys(["torch", "transformers", "gcsfs"]))
+folder, scripts = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, folder)
+results = {}
+for script in scripts:
+    sys.argv, out = [script, "--help"], io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(f"{folder}/{script}", run_name="__main__")
+        results[script] = ["no exit", out.getvalue()]
+    except SystemExit as stop:
+        results[script] = [stop.code, out.getvalue()]
+    except Exception as error:
+        results[script] = [f"{type(error).__name__}: {error}", out.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def test_every_experiment_is_listed_here():
+    assert set(FLAGS_USERS_NEED) == {path.name for path in (ROOT / "experiments").glob("*.py")}
+
+
+def test_every_help_exits_0_names_the_flags_users_need_and_needs_no_extra():
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_EXTRAS, str(ROOT / "experiments"), *FLAGS_USERS_NEED],
+        capture_output=True, text=True, timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    helps = json.loads(result.stdout.splitlines()[-1])
+    for script, flags in FLAGS_USERS_NEED.items():
+        code, text = helps[script]
+        assert code == 0, f"{script} --help: {code}"
+        assert text.startswith("usage:"), f"{script} --help printed {text[:200]!r}"
+        assert [flag for flag in flags if flag not in text] == [], f"{script} --help lacks them"
 
 
 def test_default_experiment_trains_evaluates_and_samples(tmp_path):

@@ -38,10 +38,19 @@ def test_logits_shape_and_dtype(tiny):
     assert logits.shape == (2, 17, TINY.vocab_size) and logits.dtype == jnp.float32
 
 
-def test_apply_is_pure(tiny):
+def test_apply_is_a_pure_function_of_params_and_tokens(tiny):
+    """Logits depend on params and tokens only: separately built models agree, jitted or not; apply
+    writes no state (its only collection comes back unchanged) and one call leaves no trace on the next."""
     params, tokens = tiny
-    run = logits_fn(TINY)
-    np.testing.assert_array_equal(run(params, tokens), run(params, tokens))
+    other = (tokens + 1) % TINY.vocab_size
+    model = zoo.GPT(dataclasses.replace(TINY))
+    first, variables = model.apply({"params": params}, tokens, mutable=True)
+    assert set(variables) == {"params"}
+    jax.tree.map(np.testing.assert_array_equal, nn.unbox(variables["params"]), nn.unbox(params))
+    np.testing.assert_allclose(logits_fn(TINY)(params, tokens), first, rtol=1e-5, atol=1e-5)
+    moved = model.apply({"params": params}, other)
+    np.testing.assert_array_equal(model.apply({"params": params}, tokens), first)
+    assert np.abs(moved - first).max() > 1e-2  # the logits do depend on the tokens
 
 
 def test_causal_future_tokens_do_not_change_past_logits(tiny):
@@ -63,11 +72,29 @@ def test_banded_layers_see_only_their_window(pattern, sees_far_past):
     assert (far > 1e-4) == sees_far_past
 
 
-def test_gpt3_scans_dense_banded_pairs(tiny):
-    params, _ = tiny
+def silence_attention(params, block):
+    """`params` with the attention output of `block` zeroed in every scan step: those layers mix no positions."""
+    params = nn.unbox(params)
+    layer = params["layers"][block]
+    silent = {**layer, "attn": {**layer["attn"], "out": jax.tree.map(jnp.zeros_like, layer["attn"]["out"])}}
+    return {**params, "layers": {**params["layers"], block: silent}}
+
+
+@pytest.mark.parametrize("mixing, sees_far_past", [("block_0", True), ("block_1", False)])
+def test_gpt3_alternates_dense_and_banded_layers(tiny, mixing, sees_far_past):
+    """In TINY's scanned (dense, banded) pairs, block_0 attends to the whole past and block_1 only to its
+    window: with only one of them mixing positions, token 0 reaches every later position through dense
+    layers, and none beyond the two banded layers' receptive field 2·(w-1)."""
+    params, tokens = tiny
     layers = nn.unbox(params)["layers"]
-    assert set(layers) == {"block_0", "block_1"}  # block_0 dense, block_1 banded
-    assert layers["block_1"]["attn"]["qkv"]["kernel"].shape == (2, 24, 3, 3, 8)
+    assert set(layers) == {"block_0", "block_1"} and layers["block_1"]["attn"]["qkv"]["kernel"].shape[0] == 2
+    only = silence_attention(params, "block_1" if mixing == "block_0" else "block_0")
+    changed = tokens.at[:, 0].set((tokens[:, 0] + 1) % TINY.vocab_size)
+    run = logits_fn(TINY)
+    reach = np.abs(run(only, tokens) - run(only, changed)).max(axis=(0, 2))  # per position
+    beyond = 2 * (TINY.window - 1) + 1
+    assert (reach[1:beyond] > 1e-4).all()  # both kinds see the first token nearby
+    assert (reach[beyond:] > 1e-4).all() if sees_far_past else reach[beyond:].max() < 1e-6
 
 
 def test_gpt1_is_post_ln_without_final_norm():
@@ -130,7 +157,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(tiny):
 
 
 def loss_grads(cfg, params, tokens):
-    loss = lambda p: zoo.GPT(cfg).apply({"params": p}, tokens).mean()  # noqa: E731
+    loss = lambda p: zoo.GPT(cfg).apply({"params": p}, tokens).mean()
     return jax.jit(jax.grad(loss))(params)
 
 

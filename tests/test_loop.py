@@ -95,7 +95,8 @@ def test_sigterm_commits_a_checkpoint_and_the_rerun_resumes(tmp_path, data_dir, 
 
 
 def test_a_checkpoint_restores_under_another_layout_and_device_count(tmp_path, data_dir, uninterrupted):
-    run(tmp_path, data_dir, 6, "--mesh", "fsdp=-1")  # 8 devices, params sharded over fsdp
+    # the 12-step run's schedule (warm-up 12 // 10, cosine over 12), which the resumed run keeps
+    run(tmp_path, data_dir, 6, "--mesh", "fsdp=-1", "--warmup", "1", "--decay-steps", "12")  # 8 devices, FSDP
     assert committed_steps(tmp_path)[-1] == 6
     run(tmp_path, data_dir, 12, "--mesh", "data=2,tensor=2", devices=4)
     resumed = losses(tmp_path)

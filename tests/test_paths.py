@@ -33,10 +33,12 @@ def test_the_language_model_flags_keep_gs_urls():
     assert json.loads(json.dumps(vars(args), default=str))["workdir"] == "gs://bucket/run"  # as config.json has it
 
 
-@pytest.mark.parametrize("script", ["vit_fashion_mnist.py", "vit_b16_imagenet.py"])
-def test_the_vit_experiments_keep_gs_urls(script, monkeypatch):
+@pytest.mark.parametrize(("script", "data"), [("vit_fashion_mnist.py", ["--synthetic", "8"]),
+                                              ("vit_b16_imagenet.py", [])])
+def test_the_vit_experiments_keep_gs_urls(script, data, monkeypatch):
     experiment_module = runpy.run_path(str(ROOT / "experiments" / script))
-    monkeypatch.setattr(sys, "argv", [script, "--workdir", "gs://bucket/run", "--data-dir", "gs://bucket/tfds"])
+    argv = [script, "--workdir", "gs://bucket/run", "--data-dir", "gs://bucket/tfds", *data]
+    monkeypatch.setattr(sys, "argv", argv)
     args = experiment_module["parse_args"]()
     assert (str(args.workdir), str(args.data_dir)) == ("gs://bucket/run", "gs://bucket/tfds")
 

@@ -1,11 +1,12 @@
 """The sentencepiece tokenizer: exact round trips of any UTF-8, fixed special ids, determinism, clear errors."""
 
 import pathlib
+import re
 
 import numpy as np
 import pytest
 
-from zoo.tokenizer import EOS_ID, EOS_PIECE, PAD_ID, Tokenizer, train_tokenizer
+from zoo.tokenizer import EOS_ID, EOS_PIECE, PAD_ID, Tokenizer, cached_tokenizer, train_tokenizer
 
 CORPUS = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n\n" * 30
           + "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles.\n" * 30)
@@ -48,7 +49,7 @@ def test_special_ids_are_fixed(tokenizer):
 
 def test_eos_is_never_encoded_and_decodes_to_nothing(tokenizer):
     assert EOS_ID not in tokenizer.encode(f"one{EOS_PIECE}two")
-    ids = tokenizer.encode("one") + [EOS_ID] + tokenizer.encode("two")
+    ids = [*tokenizer.encode("one"), EOS_ID, *tokenizer.encode("two")]
     assert tokenizer.decode(ids) == "onetwo"
 
 
@@ -66,8 +67,45 @@ def test_load_gives_the_trained_tokenizer(tokenizer, tmp_path):
 
 
 def test_missing_model_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.model"):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.model"):
         Tokenizer.load(tmp_path / "nothing.model")
+
+
+def test_a_folder_or_a_file_that_is_no_model_is_named(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"{re.escape(str(tmp_path))} is a folder"):
+        Tokenizer.load(tmp_path)
+    for content in (b"not a model", b""):
+        (tmp_path / "notes.model").write_bytes(content)
+        with pytest.raises(ValueError, match=r"notes\.model is not a sentencepiece model"):
+            Tokenizer.load(tmp_path / "notes.model")
+
+
+def test_too_small_a_vocabulary_names_the_smallest_that_works(tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size=270 is too small .* at least \d+") as error:
+        train_tokenizer([CORPUS], tmp_path / "a", 270)
+    smallest = int(str(error.value).split("at least ")[1].split()[0])
+    assert train_tokenizer([CORPUS], tmp_path / "b", smallest).vocab_size == smallest
+    with pytest.raises(ValueError, match=f"at least {smallest}"):
+        train_tokenizer([CORPUS], tmp_path / "c", smallest - 1)
+
+
+def test_too_large_a_vocabulary_names_the_largest_that_works(tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size=5000 is more than this text supports: at most \d+") as error:
+        train_tokenizer([CORPUS], tmp_path / "a", 5000)
+    largest = int(str(error.value).split("at most ")[1].split()[0])
+    assert train_tokenizer([CORPUS], tmp_path / "b", largest).vocab_size == largest
+
+
+def test_cached_tokenizers_are_keyed_by_their_texts_and_options(tmp_path):
+    first = cached_tokenizer([CORPUS], tmp_path, "demo", VOCAB)
+    (model_file,) = tmp_path.glob("demo-bpe320-*.model")
+    mtime = model_file.stat().st_mtime_ns
+    again = cached_tokenizer([CORPUS], tmp_path, "demo", VOCAB)
+    assert model_file.stat().st_mtime_ns == mtime and again.encode(CORPUS) == first.encode(CORPUS)
+    cached_tokenizer([CORPUS[:len(CORPUS) // 2]], tmp_path, "demo", VOCAB)  # fewer documents: other texts
+    cached_tokenizer([CORPUS], tmp_path, "demo", 300)
+    cached_tokenizer([CORPUS], tmp_path, "demo", VOCAB, split_digits=False)
+    assert len(list(tmp_path.glob("demo-*.model"))) == 4
 
 
 def test_vocab_check_names_both_sizes(tokenizer):

@@ -43,6 +43,23 @@ def test_non_square_images_and_pooling(pooling, positions):
     assert logits.shape == (2, 5) and logits.dtype == jnp.float32 and np.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("pooling", ["token", "gap"])
+def test_the_head_reads_the_pooled_final_tokens(pooling):
+    """"token" classifies the [CLS] token's final output, "gap" the mean of the patch tokens' (no [CLS]):
+    logits equal the head applied by hand to the final LayerNorm's output, captured from the same call."""
+    cfg = dataclasses.replace(TINY, pooling=pooling)
+    params, images = init(cfg)
+    params = perturb_head(params)
+    params["head"]["bias"] = jax.random.normal(jax.random.key(3), params["head"]["bias"].shape)
+    logits, captured = zoo.ViT(cfg).apply({"params": params}, images, capture_intermediates=True)
+    tokens = captured["intermediates"]["final_norm"]["__call__"][0]  # [batch, positions, d_model]
+    assert tokens.shape == (2, cfg.num_positions, 24)
+    pooled = tokens[:, 0] if pooling == "token" else tokens.mean(axis=1)
+    np.testing.assert_allclose(logits, pooled @ params["head"]["kernel"] + params["head"]["bias"], rtol=1e-5, atol=1e-5)
+    other = tokens[:, 1] if pooling == "token" else tokens[:, 0]  # what a wrong pooling would read
+    assert np.abs(logits - (other @ params["head"]["kernel"] + params["head"]["bias"])).max() > 1e-2
+
+
 def test_images_are_classified_independently():
     params, images = init(TINY, batch=3)
     params = perturb_head(params)

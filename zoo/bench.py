@@ -16,9 +16,9 @@ import re
 import statistics
 import time
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from zoo import sharding
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.models.vit import ViT, ViTConfig
+from zoo.train.loop import Task, initial_state, skipping_non_finite, state_shardings
 from zoo.train.metrics import device_peak_flops, gpt_attention_flops_per_token, gpt_flops_per_token, vit_flops_per_image
-from zoo.train.steps import adamw, classification_loss, next_token_loss, train_state, train_step_fn
+from zoo.train.steps import adamw, classification_loss, next_token_loss, train_step_fn
 
 MOSAIC_KERNEL = 'custom_call_target="tpu_custom_call"'  # a Pallas kernel (splash attention) in TPU HLO
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -214,52 +215,41 @@ def cost(compiled: jax.stages.Compiled) -> dict[str, float | None]:
     return {"flops": analysis.get("flops"), "bytes_accessed": analysis.get("bytes accessed")}
 
 
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """A model with its loss, the shapes of one global batch, and what a row is worth."""
-
-    model: nn.Module
-    loss_fn: Callable
-    example_input: Any
-    batch: Any  # a tree of jax.ShapeDtypeStruct
-    flops_per_row: float
-    items_per_row: int
-    item_name: str
-
-
-def workload(cfg: GPTConfig | ViTConfig, batch: int) -> Workload:
-    """The training workload of a GPT (rows of context_length + 1 tokens) or a ViT (labelled images)."""
+def batch_spec(cfg: GPTConfig | ViTConfig, batch: int) -> Any:
+    """The shapes of one global batch: rows of context_length + 1 tokens, or labelled images."""
     if isinstance(cfg, GPTConfig):
-        return Workload(GPT(cfg), next_token_loss, jnp.zeros((1, cfg.context_length), jnp.int32),
-                        jax.ShapeDtypeStruct((batch, cfg.context_length + 1), jnp.int32),
-                        gpt_flops_per_token(cfg) * cfg.context_length, cfg.context_length, "tokens")
-    image = (*cfg.image_size, cfg.num_channels)
-    return Workload(ViT(cfg), classification_loss, jnp.zeros((1, *image), jnp.float32),
-                    {"image": jax.ShapeDtypeStruct((batch, *image), jnp.float32),
-                     "label": jax.ShapeDtypeStruct((batch,), jnp.int32)},
-                    vit_flops_per_image(cfg), 1, "images")
+        return jax.ShapeDtypeStruct((batch, cfg.context_length + 1), jnp.int32)
+    return {"image": jax.ShapeDtypeStruct((batch, *cfg.image_size, cfg.num_channels), jnp.float32),
+            "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+
+
+def workload(cfg: GPTConfig | ViTConfig, batch: int) -> Task:
+    """The loop's training task of a GPT or a ViT on random batches of `batch_spec`'s shapes (token
+    ids below the vocabulary, labels below the classes, normal images), batch k seeded by k."""
+    is_gpt = isinstance(cfg, GPTConfig)
+    local = batch_spec(cfg, batch // jax.process_count())  # this process's rows
+    high = cfg.vocab_size if is_gpt else cfg.num_classes
+
+    def random_batch(step: int) -> Any:
+        rng = np.random.default_rng(step)
+
+        def fill(spec: jax.ShapeDtypeStruct) -> np.ndarray:
+            if jnp.issubdtype(spec.dtype, jnp.integer):
+                return rng.integers(0, high, spec.shape, dtype=np.int32)
+            return rng.standard_normal(spec.shape, dtype=np.float32)
+
+        return jax.tree.map(fill, local)
+
+    if is_gpt:
+        return Task(GPT(cfg), next_token_loss, np.zeros((1, cfg.context_length), np.int32), random_batch, None, batch,
+                    gpt_flops_per_token(cfg) * cfg.context_length, cfg.context_length, "tokens")
+    return Task(ViT(cfg), classification_loss, np.zeros((1, *cfg.image_size, cfg.num_channels), np.float32),
+                random_batch, None, batch, vit_flops_per_image(cfg), 1, "images")
 
 
 def default_optimizer() -> optax.GradientTransformation:
-    """GPT-3's AdamW (the optimizer state the experiments carry)."""
-    return adamw(3e-4, total_steps=1000, warmup_steps=10)
-
-
-def state_shardings(work: Workload, optimizer: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any]:
-    """(abstract train state {params, opt_state, step, rng} with shardings, the shardings)."""
-    boxed = jax.eval_shape(lambda key: work.model.init(key, work.example_input)["params"], jax.random.key(0))
-    param_shardings = sharding.logical_shardings(boxed, mesh)
-    params = nn.unbox(boxed)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = {"params": param_shardings,
-                 "opt_state": sharding.optimizer_shardings(optimizer, params, param_shardings, mesh),
-                 "step": replicated, "rng": replicated}
-    abstract = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params),
-                "step": jax.ShapeDtypeStruct((), jnp.int32),
-                "rng": jax.eval_shape(jax.random.key_data, jax.random.key(0))}
-    with_shardings = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                                  abstract, shardings)
-    return with_shardings, shardings
+    """GPT-3's AdamW, skipping non-finite steps as the training loop does (the state runs carry)."""
+    return skipping_non_finite(adamw(3e-4, total_steps=1000, warmup_steps=10))
 
 
 @dataclasses.dataclass
@@ -269,10 +259,10 @@ class CompiledStep:
     compiled: jax.stages.Compiled
     compile_s: float
     mesh: Mesh
-    work: Workload
+    task: Task
     optimizer: optax.GradientTransformation
     shardings: Any
-    batch_sharding: NamedSharding
+    init_params: Callable[[jax.Array], Any]
 
 
 def compile_train_step(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
@@ -284,20 +274,20 @@ def compile_train_step(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
     only: nothing is allocated. The batch's gradient may accumulate over `accumulation_steps`
     micro-batches (the loop unrolled with `unroll_accumulation`)."""
     mesh = sharding.mesh_for(layout, devices)
-    work = workload(cfg, batch)
+    task = workload(cfg, batch)
     optimizer = optimizer or default_optimizer()
-    abstract, shardings = state_shardings(work, optimizer, mesh)
+    abstract, shardings, init_params = state_shardings(task, optimizer, mesh, jax.random.key(0))
     batch_sharding = sharding.batch_sharding(mesh)
     abstract_batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding),
-                                  work.batch)
+                                  batch_spec(cfg, batch))
     replicated = NamedSharding(mesh, PartitionSpec())
-    step_fn = train_step_fn(work.model, optimizer, work.loss_fn, accumulation_steps, unroll_accumulation)
+    step_fn = train_step_fn(task.model, optimizer, task.loss_fn, accumulation_steps, unroll_accumulation)
     step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
                    donate_argnums=0)
     start = time.perf_counter()
     with sharding.sharding_context(mesh):
         compiled = step.lower(abstract, abstract_batch).compile()
-    return CompiledStep(compiled, time.perf_counter() - start, mesh, work, optimizer, shardings, batch_sharding)
+    return CompiledStep(compiled, time.perf_counter() - start, mesh, task, optimizer, shardings, init_params)
 
 
 def step_cost(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
@@ -334,36 +324,11 @@ def _difference(more: dict[str, float], less: dict[str, float]) -> dict[str, flo
     return {key: more[key] - less[key] for key in less}
 
 
-def _initial_state(step: CompiledStep, seed: int) -> dict:
-    """A fresh train state built directly in the step's shardings."""
-
-    def init(key: jax.Array) -> dict:
-        return train_state(nn.unbox(step.work.model.init(key, step.work.example_input)["params"]), step.optimizer, key)
-
-    with sharding.sharding_context(step.mesh):
-        return jax.jit(init, out_shardings=step.shardings)(jax.random.key(seed))
-
-
-def _random_batch(step: CompiledStep, seed: int) -> Any:
-    """A global batch of the workload's shapes (token ids below the vocabulary, labels below the
-    classes, normal images), placed in the batch sharding."""
-    rng = np.random.default_rng(seed)
-    cfg = step.work.model.cfg
-
-    def fill(spec: jax.ShapeDtypeStruct) -> jax.Array:
-        if jnp.issubdtype(spec.dtype, jnp.integer):
-            high = cfg.vocab_size if isinstance(cfg, GPTConfig) else cfg.num_classes
-            values = rng.integers(0, high, spec.shape, dtype=np.int32)
-        else:
-            values = rng.standard_normal(spec.shape, dtype=np.float32)
-        return jax.device_put(values, step.batch_sharding)
-
-    return jax.tree.map(fill, step.work.batch)
-
-
 def time_step(step: CompiledStep, repeats: int, seed: int = 0) -> float:
     """Median seconds of `repeats` steps after one warm-up step, on real (random) inputs."""
-    state, batch = _initial_state(step, seed), _random_batch(step, seed)
+    with sharding.sharding_context(step.mesh):
+        state = initial_state(step.init_params, step.optimizer, step.shardings, jax.random.key(seed))
+    batch = sharding.shard_batch(step.task.train_batch(seed), step.mesh)
     state, metrics = step.compiled(state, batch)
     jax.block_until_ready(metrics)
     times = []
@@ -389,9 +354,9 @@ def measure_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats:
         "mesh": dict(step.mesh.shape),
         "compile_s": step.compile_s,
         "step_s": step_s,
-        f"{step.work.item_name}_per_s": rows_per_s * step.work.items_per_row,
-        "mfu": rows_per_s * step.work.flops_per_row / (step.mesh.size * peak),
-        "model_flops_per_device": batch * step.work.flops_per_row / step.mesh.size,
+        f"{step.task.item_name}_per_s": rows_per_s * step.task.items_per_row,
+        "mfu": rows_per_s * step.task.flops_per_row / (step.mesh.size * peak),
+        "model_flops_per_device": batch * step.task.flops_per_row / step.mesh.size,
         "cost": step_cost(cfg, layout, batch, accumulation_steps=accumulation_steps) if with_cost else None,
         "memory": memory(step.compiled),
         "collectives": collectives(step.compiled.as_text(), step.mesh.size),
@@ -518,7 +483,7 @@ def aot_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: st
         "topology": topology,
         "chip": chip,
         "compile_s": step.compile_s,
-        "model_flops_per_device": batch * step.work.flops_per_row / step.mesh.size,
+        "model_flops_per_device": batch * step.task.flops_per_row / step.mesh.size,
         "accumulation_steps": accumulation_steps,
         "cost": with_kernel_flops(xla_cost, cfg, batch / step.mesh.size, MOSAIC_KERNEL in hlo),
         "memory": mem,

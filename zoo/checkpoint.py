@@ -6,6 +6,10 @@ atomic commit (a step is written under a temporary name and renamed once complet
 write, retention of the latest `keep` steps and the multi-process coordination: every process
 calls `save`/`restore`, each writes and reads only its own shards, the primary host (process 0,
 orbax's default `MultiprocessingOptions`) writes the JSON items and the step metadata.
+
+A write that fails in the background (a full disk, a workdir that became unwritable) surfaces at
+the next `save`, `wait` or `close` as a `CheckpointWriteError` naming the step, the directory and
+the reason; the step is not committed and the steps committed before it stay restorable.
 """
 
 from __future__ import annotations
@@ -29,40 +33,61 @@ log = logging.getLogger(__name__)
 Restored = tuple[Any, dict, dict, int]
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint step that could not be written; the earlier committed steps are intact."""
+
+
 class Checkpointer:
-    """Saves `state`, `data_state` and `config` every `save_every` steps, keeps the latest `keep`,
-    and restores the newest step that reads back cleanly onto the shardings asked for."""
+    """Saves `state`, `data_state` and `config` every `save_every` steps (0: only when forced),
+    keeps the latest `keep`, and restores the newest step that reads back cleanly onto the
+    shardings asked for."""
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True):
-        if save_every < 1 or keep < 1:
-            raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every}, keep={keep}")
+        if save_every < 0 or keep < 1:
+            raise ValueError(f"save_every must be >= 0 and keep >= 1, got save_every={save_every}, keep={keep}")
         policies = ocp.checkpoint_managers
+        interval = [policies.FixedIntervalPolicy(save_every)] if save_every else []
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.AnySavePolicy(
-                [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]
-            ),
+            save_decision_policy=policies.AnySavePolicy([*interval, policies.PreemptionCheckpointingPolicy()]),
             preservation_policy=policies.LatestN(keep),
             enable_async_checkpointing=async_save,
         )
         self.directory = absolute(directory)  # orbax's tensorstore paths must be absolute
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writing: int | None = None  # the step whose write may still be in flight
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is on the save schedule (or a preemption asks for a checkpoint)."""
+        return self._manager.should_save(int(step))
 
     def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = False) -> bool:
         """Starts writing this step when it is on schedule (or `force`); True if it did. The arrays
-        are copied to host before this returns, so the caller may donate them right after."""
+        are copied to host before this returns, so the caller may donate them right after. Raises
+        `CheckpointWriteError` if the previous save failed in the background, or this one fails."""
         step = int(step)
-        if force and step in self._manager.all_steps():
+        if (force and step in self._manager.all_steps()) or not (force or self.due(step)):
             return False
+        self.wait()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_state=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config),
         )
-        return self._manager.save(step, args=args, force=force)
+        self._writing = step
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise self._write_error(e) from e
+        return True
 
     def wait(self) -> None:
-        """Blocks until every started save is committed (renamed to its final step directory)."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is committed (renamed to its final step directory);
+        raises `CheckpointWriteError` if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(e) from e
+        self._writing = None
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None (a corrupt newest step still counts here)."""
@@ -85,16 +110,41 @@ class Checkpointer:
         return None
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's background threads."""
-        self._manager.close()
+        """Waits for pending saves (raising `CheckpointWriteError` if one failed) and releases
+        orbax's background threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         """The checkpointer itself; leaving the block closes it."""
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        """Closes: pending saves finish first."""
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: Any) -> None:
+        """Closes: pending saves finish first. When the block raised, a failed save is logged
+        rather than raised, so that the block's own error is the one reported."""
+        try:
+            self.close()
+        except CheckpointWriteError as e:
+            if exc_type is None:
+                raise
+            log.error("%s", e)
+
+    def _write_error(self, error: Exception) -> CheckpointWriteError:
+        """The error of a failed save: the step, where, why, and what stays restorable."""
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+        step = "a step" if self._writing is None else f"step {self._writing}"
+        return CheckpointWriteError(
+            f"checkpoint {step} could not be written to {self.directory}: {reason} "
+            f"({type(error).__name__}); the last committed step, {self._committed()}, stays restorable"
+        )
+
+    def _committed(self) -> int | None:
+        """The newest step committed on storage, read again: orbax's own list already dropped the
+        steps that the failed save's retention would have deleted after it committed."""
+        self._manager.reload()
+        return self._manager.latest_step()
 
     def _restore_newest(self, steps: list[int], abstract_state: Any) -> tuple[int, Any, Exception | None]:
         """Tries `steps` newest first: `(step, restored, None)`, or `(-1, None, last error)`."""

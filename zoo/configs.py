@@ -11,6 +11,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import numbers
+import types
+import typing
 from typing import Any
 
 from zoo.models.gpt import GPTConfig
@@ -124,19 +127,74 @@ def vit(name: str, **overrides: Any) -> ViTConfig:
 
 
 def replace(config: Any, **overrides: Any) -> Any:
-    """`dataclasses.replace` that names near matches of a field that does not exist."""
+    """`dataclasses.replace` that names near matches of a field that does not exist and refuses a value
+    that does not fit the field's annotated type (ints are taken for floats, lists for tuples)."""
     fields = {field.name for field in dataclasses.fields(config)}
     for key in overrides:
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=3)
             hint = f"; did you mean {' or '.join(near)}?" if near else f"; fields: {', '.join(sorted(fields))}"
             raise ValueError(f"{type(config).__name__} has no field {key!r}{hint}")
-    return dataclasses.replace(config, **overrides)
+    hints = typing.get_type_hints(type(config))
+    overrides = {key: _convert(value, hints[key]) for key, value in overrides.items()}
+    try:
+        new = dataclasses.replace(config, **overrides)
+    except (TypeError, ValueError):  # e.g. `num_layers % 2` on a str: name the mistyped value instead
+        _check_types(config, overrides, hints)
+        raise
+    # Checked as stored, so a value the config normalises (ViT's image_size=32 -> (32, 32)) passes.
+    _check_types(new, {key: getattr(new, key) for key in overrides}, hints)
+    return new
+
+
+def _check_types(config: Any, values: dict[str, Any], hints: dict[str, Any]) -> None:
+    """Raise a TypeError naming the first of `values` that its field's annotated type does not admit."""
+    for key, value in values.items():
+        if not _admits(hints[key], value):
+            expected = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key])
+            raise TypeError(f"{type(config).__name__}.{key}={value!r}: expected "
+                            f"{expected.replace('typing.', '')}, got {type(value).__name__}")
+
+
+def _admits(annotation: Any, value: Any) -> bool:
+    """Whether `value` fits `annotation` (int, float, bool, str, tuples, unions, Optional, Literal)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits(arg, value) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_admits(args[0], item) for item in value)
+        return len(args) == len(value) and all(_admits(arg, item) for arg, item in zip(args, value))
+    if annotation is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation is type(None):
+        return value is None
+    return isinstance(value, origin or annotation)
+
+
+def _convert(value: Any, annotation: Any) -> Any:
+    """A list for a tuple field becomes a tuple, an int for a float field a float; anything else as is."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = {typing.get_origin(arg) or arg for arg in (typing.get_args(annotation) if union else (annotation,))}
+    kinds -= {type(None)}
+    if isinstance(value, list) and kinds == {tuple}:
+        return tuple(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and kinds == {float}:
+        return float(value)
+    return value
 
 
 def override(config: Any, assignments: list[str]) -> Any:
-    """Apply command-line `key=value` strings; values are Python literals, else strings
-    (e.g. ["num_layers=6", "dtype=bfloat16", "attention_pattern=('dense', 'banded')"])."""
+    """Apply command-line `key=value` strings; values are Python literals, else strings, checked against
+    the field types (e.g. ["num_layers=6", "dtype=bfloat16", "attention_pattern=('dense', 'banded')"])."""
     overrides = {}
     for assignment in assignments:
         key, sep, value = assignment.partition("=")

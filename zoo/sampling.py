@@ -7,6 +7,7 @@ a key/value cache is the faster way and belongs to the generation module to come
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from zoo.models.gpt import GPT
 
 def sample(
     model: GPT,
-    params,
+    params: Any,
     prompt: jax.Array,
     num_tokens: int,
     rng: jax.Array,
@@ -29,17 +30,25 @@ def sample(
         raise ValueError(f"prompt must be int [batch, length >= 1], got shape {prompt.shape}")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
+    vocab_size = model.cfg.vocab_size
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k={top_k} must be in [1, vocab_size={vocab_size}] (None: no cut)")
+    if not isinstance(prompt, jax.core.Tracer) and prompt.size:  # under jit, out-of-range ids would read NaN
+        low, high = int(prompt.min()), int(prompt.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, vocab_size={vocab_size}), got ids in [{low}, {high}]")
     return _sample(model, params, prompt, num_tokens, rng, temperature, top_k)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 6))
-def _sample(model, params, prompt, num_tokens, rng, temperature, top_k):
+def _sample(model: GPT, params: Any, prompt: jax.Array, num_tokens: int, rng: jax.Array, temperature: float,
+            top_k: int | None) -> jax.Array:
     batch, prompt_length = prompt.shape
     total = prompt_length + num_tokens
     window = min(model.cfg.context_length, total)
     tokens = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_length].set(prompt)
 
-    def next_token(position, tokens):
+    def next_token(position: jax.Array, tokens: jax.Array) -> jax.Array:
         start = jnp.maximum(position - window, 0)
         context = jax.lax.dynamic_slice_in_dim(tokens, start, window, axis=1)
         logits = model.apply({"params": params}, context)[:, position - start - 1] / temperature

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import jax
 import numpy as np
 
-from zoo.data.text import StepPipeline, TextPipeline
+from zoo.data.text import StepPipeline, TextPipeline, check_token_ids
 from zoo.models.gpt import GPT
 from zoo.models.vit import ViT
 from zoo.train.loop import Task
@@ -17,24 +20,32 @@ def _process_slice() -> dict[str, int]:
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
-def evaluation_batches(pipeline: StepPipeline, max_batches: int | None):
-    """A function yielding the first `max_batches` (all, if None) unshuffled batches."""
+def evaluation_batches(pipeline: StepPipeline, max_batches: int | None) -> Callable[[], Iterator[Any]] | None:
+    """A function yielding the first `max_batches` (all, if None) unshuffled batches, or None when
+    `max_batches` is 0 (no evaluation). A split smaller than one batch is refused here, at start-up,
+    rather than after the training."""
+    if max_batches == 0:
+        return None
+    if pipeline.steps_per_epoch == 0:
+        raise ValueError(f"the evaluation split holds {pipeline.size} rows, fewer than one evaluation batch of "
+                         f"{pipeline.global_batch}: evaluate with a smaller batch (--eval-batch) or not at all "
+                         f"(--eval-batches 0)")
     count = pipeline.steps_per_epoch if max_batches is None else min(max_batches, pipeline.steps_per_epoch)
     return lambda: (pipeline.batch_at(step) for step in range(count))
 
 
 def language_model(model: GPT, train_rows: np.ndarray, eval_rows: np.ndarray, global_batch: int, seed: int,
-                   eval_batches: int | None = 20) -> Task:
-    """Next-token prediction on rows of context_length + 1 tokens."""
+                   eval_batches: int | None = 20, eval_batch: int | None = None) -> Task:
+    """Next-token prediction on rows of context_length + 1 tokens; evaluation on `eval_batches`
+    batches of `eval_batch` rows (default: the training batch)."""
     cfg = model.cfg
-    if train_rows.shape[1] != cfg.context_length + 1:
-        raise ValueError(f"rows of {train_rows.shape[1]} tokens; the model needs context_length + 1 = "
-                         f"{cfg.context_length + 1}")
-    if int(train_rows.max()) >= cfg.vocab_size:
-        raise ValueError(f"token id {int(train_rows.max())} >= the model's vocab_size={cfg.vocab_size}: "
-                         f"the tokenizer and the model disagree")
+    for name, rows in (("training", train_rows), ("validation", eval_rows)):
+        if rows.shape[1] != cfg.context_length + 1:
+            raise ValueError(f"{name} rows of {rows.shape[1]} tokens; the model needs context_length + 1 = "
+                             f"{cfg.context_length + 1}")
+        check_token_ids(rows, cfg.vocab_size, name)
     train = TextPipeline(train_rows, global_batch, seed, **_process_slice())
-    evaluate = TextPipeline(eval_rows, global_batch, seed, shuffle=False, **_process_slice())
+    evaluate = TextPipeline(eval_rows, eval_batch or global_batch, seed, shuffle=False, **_process_slice())
     return Task(
         model=model,
         loss_fn=next_token_loss,

@@ -17,6 +17,7 @@ every "▁" back to a space, so a literal "▁" in the text is encoded as its th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -65,9 +66,14 @@ class Tokenizer:
         """Load a `.model` file written by `train_tokenizer` (or any sentencepiece model with byte fallback),
         local or at a URL such as gs://bucket/tokenizer.model."""
         path = epath.Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder: give the sentencepiece .model file itself")
         if not path.is_file():
             raise FileNotFoundError(f"no sentencepiece model at {path}: train one with zoo.tokenizer.train_tokenizer")
-        return cls(spm.SentencePieceProcessor(model_proto=path.read_bytes()))
+        try:
+            return cls(spm.SentencePieceProcessor(model_proto=path.read_bytes()))
+        except (RuntimeError, ValueError) as error:  # RuntimeError: sentencepiece cannot parse the file
+            raise ValueError(f"{path} is not a sentencepiece model this tokenizer can use ({error})") from error
 
     @property
     def vocab_size(self) -> int:
@@ -118,14 +124,52 @@ def train_tokenizer(
     """Train a byte-fallback BPE on texts (str) or UTF-8 files (paths); writes `{model_prefix}.model`
     (local or at a URL: sentencepiece trains in memory, the model file is written through epath)."""
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(texts_or_files), model_writer=model, vocab_size=vocab_size,
-        **{**TRAINER_OPTIONS, **options},
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(texts_or_files), model_writer=model, vocab_size=vocab_size,
+            **{**TRAINER_OPTIONS, **options},
+        )
+    except RuntimeError as error:
+        clear = _vocab_size_error(str(error), vocab_size)
+        if clear is None:
+            raise
+        raise clear from error
     path = epath.Path(f"{model_prefix}.model")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, model.getvalue())  # a process loading it concurrently never sees half a file
     return Tokenizer(spm.SentencePieceProcessor(model_proto=model.getvalue()))
+
+
+def cached_tokenizer(texts: Sequence[str], cache_dir: str | os.PathLike, name: str, vocab_size: int = 4096,
+                     **options: Any) -> Tokenizer:
+    """`train_tokenizer` of `texts`, trained once then loaded from `cache_dir`: the file name holds a digest
+    of the texts, vocab_size and options, so other documents (e.g. another max_documents) train another."""
+    options = {**TRAINER_OPTIONS, **options}
+    key = fingerprint([repr(sorted(options.items())), str(vocab_size), *texts])
+    path = epath.Path(cache_dir) / f"{name}-bpe{vocab_size}-{key}.model"
+    if path.exists():
+        return Tokenizer.load(path)
+    return train_tokenizer(texts, path.with_suffix(""), vocab_size, **options)
+
+
+def fingerprint(parts: Iterable[str | bytes]) -> str:
+    """16 hex digits of SHA-256 over `parts` in order, each length-prefixed so boundaries count: a cache key."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8") if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()[:16]
+
+
+def _vocab_size_error(message: str, vocab_size: int) -> ValueError | None:
+    """sentencepiece's failures for a vocabulary too small or too large, as errors naming the size that works."""
+    if match := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+        return ValueError(f"vocab_size={vocab_size} is too small for this text: it needs at least {match[1]} "
+                          f"(every distinct character of the text, plus the special and byte pieces)")
+    if match := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
+        return ValueError(f"vocab_size={vocab_size} is more than this text supports: at most {match[1]} "
+                          f"(train on more text for a larger vocabulary)")
+    return None
 
 
 def _sentences(texts_or_files: Iterable[str | os.PathLike]) -> Iterator[str]:

@@ -2,10 +2,14 @@
 builder (no TensorFlow needed), tfds datasets by name, synthetic images for tests, and
 resumable per-process batches with seeded pad-and-crop and horizontal-flip augmentation.
 
-    examples = fashion_mnist_examples("/usr/share/datasets/fashion-mnist", "data", "train")
+    examples = fashion_mnist_examples(local_dataset("fashion-mnist"), "data", "train")  # $ZOO_DATA_DIR/fashion-mnist
     train = ImagePipeline(examples, global_batch=256, seed=0, image_size=28, channels=1,
                           mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     batch = train.batch_at(step)    # {"image": float32 [256, 28, 28, 1], "label": int32 [256]}
+
+Local data sets are found by name in one folder, named by the environment variable ZOO_DATA_DIR
+(`local_dataset`): $ZOO_DATA_DIR/fashion-mnist holds the four IDX files, for example. Nothing
+else is searched: other data comes from flags or from tfds by name.
 
 Batch k is a pure function of (seed, k, process), augmentation included: each example's crop and
 flip come from a hash of (seed, its position in the stream), so restarting at step k, or
@@ -44,6 +48,19 @@ FASHION_MNIST_CLASSES = (
 )
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)  # of the training images scaled to [0, 1]
 DECODE_WORKERS = min(8, os.cpu_count() or 1)  # threads that build one batch
+DATA_ENV = "ZOO_DATA_DIR"  # the folder of local data sets, each in a subfolder by name
+
+
+def local_dataset(name: str) -> pathlib.Path | None:
+    """$ZOO_DATA_DIR/`name` if that folder exists (None where it does not or the variable is unset)."""
+    root = os.environ.get(DATA_ENV)
+    folder = pathlib.Path(root, name) if root else None
+    return folder if folder and folder.is_dir() else None
+
+
+def tfds_prepared(name: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether tfds's dataset `name` is built in `data_dir` already (readable with no download)."""
+    return tfds.builder(name, data_dir=data_dir).is_prepared()
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

@@ -23,12 +23,3 @@ def works() -> dict[str, str]:
             if member.isfile()
         }
 
-
-def split(validation: tuple[str, ...] = VALIDATION_PLAYS) -> tuple[str, str]:
-    """(train text, validation text), the validation plays held out whole."""
-    texts = works()
-    unknown = set(validation) - set(texts)
-    if unknown:
-        raise ValueError(f"unknown plays {sorted(unknown)}; available: {', '.join(sorted(texts))}")
-    train = "\n\n".join(text for name, text in texts.items() if name not in validation)
-    return train, "\n\n".join(texts[name] for name in validation)

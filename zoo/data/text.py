@@ -18,7 +18,7 @@ import itertools
 import os
 import pathlib
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,7 +27,7 @@ from etils import epath
 
 from zoo.data import shakespeare
 from zoo.paths import absolute
-from zoo.tokenizer import Tokenizer, train_tokenizer
+from zoo.tokenizer import Tokenizer, cached_tokenizer, fingerprint
 
 READ_CHUNK = 1024  # records per data-source read
 
@@ -140,7 +140,7 @@ class TextPipeline(StepPipeline):
 def packed_rows(tokenizer: Tokenizer, documents: Iterable[str], length: int) -> np.ndarray:
     """Every document's tokens then <|endoftext|>, concatenated and cut into int32 rows [n, length + 1]."""
     stream = np.fromiter(
-        itertools.chain.from_iterable(tokenizer.encode(text) + [tokenizer.eos_id] for text in documents), np.int32
+        itertools.chain.from_iterable([*tokenizer.encode(text), tokenizer.eos_id] for text in documents), np.int32
     )
     rows = len(stream) // (length + 1)
     if rows == 0:
@@ -148,25 +148,41 @@ def packed_rows(tokenizer: Tokenizer, documents: Iterable[str], length: int) -> 
     return stream[: rows * (length + 1)].reshape(rows, length + 1)
 
 
+TEXT_DIR_LAYOUT = "DIR/train/*.txt and DIR/<eval split>/*.txt, one document a file"
+
+
 class LocalTextFiles(tfds.core.GeneratorBasedBuilder):
     """Local text files as a tfds dataset: one example {"name", "text"} per file, one split per folder."""
 
     VERSION = tfds.core.Version("1.0.0")
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "A folder per split (train/, validation/, ...) of UTF-8 *.txt files, one a document."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"A folder of text files: {TEXT_DIR_LAYOUT}."
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = tfds.features.FeaturesDict({"name": tfds.features.Text(), "text": tfds.features.Text()})
         return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)  # file-name order
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
-        folders = sorted(path for path in epath.Path(dl_manager.manual_dir).iterdir() if path.is_dir())
-        if not folders:
-            raise ValueError(f"{dl_manager.manual_dir} has no split folders (train/, validation/, ...)")
-        return {folder.name: self._generate_examples(folder) for folder in folders}
+        splits = text_file_splits(dl_manager.manual_dir)
+        return {split: self._generate_examples(files) for split, files in splits.items()}
 
-    def _generate_examples(self, folder: epath.Path) -> Iterator[tuple[str, dict[str, str]]]:
-        for path in sorted(folder.glob("*.txt")):
+    def _generate_examples(self, files: list[epath.Path]) -> Iterator[tuple[str, dict[str, str]]]:
+        for path in files:
             yield path.stem, {"name": path.stem, "text": path.read_text(encoding="utf-8")}
+
+    def _log_download_bytes(self) -> None:
+        """Silent: tfds would print "Downloading and preparing dataset Unknown size" for a local build."""
+
+    def _log_download_done(self) -> None:
+        """Silent: tfds would print "downloaded"; `build_text_files` says what it builds."""
+
+
+def text_file_splits(source_dir: str | os.PathLike) -> dict[str, list[epath.Path]]:
+    """{split: its *.txt files in name order} for each folder of `source_dir` holding any; a missing folder is named."""
+    source_dir = epath.Path(source_dir)
+    if not source_dir.is_dir():
+        raise FileNotFoundError(f"the text folder {source_dir} does not exist: it should hold {TEXT_DIR_LAYOUT}")
+    splits = {folder.name: sorted(folder.glob("*.txt")) for folder in sorted(source_dir.iterdir()) if folder.is_dir()}
+    return {split: files for split, files in splits.items() if files}
 
 
 def text_files_builder(data_dir: str | os.PathLike, name: str) -> LocalTextFiles:
@@ -175,10 +191,21 @@ def text_files_builder(data_dir: str | os.PathLike, name: str) -> LocalTextFiles
                           file_format="array_record")
 
 
-def build_text_files(source_dir: str | os.PathLike, data_dir: str | os.PathLike, name: str) -> LocalTextFiles:
-    """Build corpus `name` from `source_dir`/<split>/*.txt into `data_dir`; once built, it is reused as is."""
-    builder = text_files_builder(data_dir, name)
+def build_text_files(source_dir: str | os.PathLike, data_dir: str | os.PathLike, name: str,
+                     required_splits: Sequence[str] = ("train",)) -> LocalTextFiles:
+    """Build `source_dir`/<split>/*.txt into `data_dir` as config `name`-<digest of the files' names and
+    contents>, so a build is reused only while its files are unchanged; a missing split is named."""
+    splits = text_file_splits(source_dir)
+    for split in required_splits:
+        if split not in splits:
+            raise FileNotFoundError(f"{source_dir} has no {split}/*.txt files (splits found: "
+                                    f"{', '.join(splits) or 'none'}); a text folder holds {TEXT_DIR_LAYOUT}")
+    key = fingerprint(part for split, files in splits.items() for path in files
+                      for part in (f"{split}/{path.name}", path.read_bytes()))
+    builder = text_files_builder(data_dir, f"{name}-{key}")
     if not builder.is_prepared():
+        print(f"building tfds local_text_files/{builder.builder_config.name} from {source_dir} into {data_dir} "
+              f"(reused while the files are unchanged)")
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(source_dir)))
     return builder
 
@@ -221,34 +248,26 @@ class PackedCorpus(NamedTuple):
 
 
 def prepare_shakespeare(data_dir: str | os.PathLike, length: int, vocab_size: int = 4096,
-                        validation: tuple[str, ...] = shakespeare.VALIDATION_PLAYS) -> PackedCorpus:
-    """The shipped Shakespeare as packed rows; the tfds build and the tokenizer (trained on train) are cached."""
+                        validation: tuple[str, ...] = shakespeare.VALIDATION_PLAYS, *,
+                        tokenizer_path: str | os.PathLike | None = None,
+                        max_documents: int | None = None) -> PackedCorpus:
+    """The shipped Shakespeare as packed rows (at most `max_documents` plays a split, in name order); the
+    tokenizer is loaded from `tokenizer_path`, or trained on train; the tfds build and tokenizer are cached."""
+    tokenizer = None if tokenizer_path is None else Tokenizer.load(tokenizer_path)  # a bad path fails first
     data_dir = epath.Path(data_dir)
-    builder = _build_shakespeare(data_dir, validation)
-    train, held_out = (list(source_texts(builder.as_data_source(split))) for split in ("train", "validation"))
-    tokenizer_path = data_dir / "tokenizers" / f"{builder.builder_config.name}-bpe{vocab_size}.model"
-    if tokenizer_path.exists():
-        tokenizer = Tokenizer.load(tokenizer_path)
-    else:
-        tokenizer = train_tokenizer(train, tokenizer_path.with_suffix(""), vocab_size)
-    return PackedCorpus(tokenizer, packed_rows(tokenizer, train, length), packed_rows(tokenizer, held_out, length))
-
-
-def _build_shakespeare(data_dir: epath.Path, validation: tuple[str, ...]) -> LocalTextFiles:
-    """The tfds build of the shipped works, one config per held-out set (e.g. "shakespeare-macbeth-tempest")."""
     texts = shakespeare.works()
     unknown = set(validation) - set(texts)
     if unknown:
         raise ValueError(f"unknown plays {sorted(unknown)}; available: {', '.join(sorted(texts))}")
-    builder = text_files_builder(data_dir, "-".join(["shakespeare", *sorted(validation)]))
-    if builder.is_prepared():
-        return builder
-    with tempfile.TemporaryDirectory() as source:
-        for name, text in texts.items():
-            folder = pathlib.Path(source) / ("validation" if name in validation else "train")
+    name = "-".join(["shakespeare", *sorted(validation)])
+    with tempfile.TemporaryDirectory(prefix="shipped-shakespeare-") as source:
+        for play, text in texts.items():
+            folder = pathlib.Path(source) / ("validation" if play in validation else "train")
             folder.mkdir(exist_ok=True)
-            (folder / f"{name}.txt").write_text(text, encoding="utf-8")
-        return build_text_files(source, data_dir, builder.builder_config.name)
+            (folder / f"{play}.txt").write_text(text, encoding="utf-8")
+        builder = build_text_files(source, data_dir, name, ("train", "validation"))
+    return _pack(lambda split: source_texts(builder.as_data_source(split)), "validation", tokenizer,
+                 data_dir / "tokenizers", name, vocab_size, length, max_documents)
 
 
 def prepare_corpus(data_dir: str | os.PathLike, length: int, vocab_size: int, *, tfds_name: str | None = None,
@@ -257,24 +276,40 @@ def prepare_corpus(data_dir: str | os.PathLike, length: int, vocab_size: int, *,
                    max_documents: int | None = None) -> PackedCorpus:
     """Packed rows of a tfds text dataset by name (downloaded if needed), of local text files
     (`text_dir`/train/*.txt and `text_dir`/<eval_split>/*.txt), or else of the shipped
-    Shakespeare. The tokenizer is loaded from `tokenizer_path`, or trained on the training split
-    (at most `max_documents` documents) and cached in `data_dir`."""
+    Shakespeare, at most `max_documents` documents a split. The tokenizer is loaded from
+    `tokenizer_path`, or trained on the training split and cached in `data_dir`, keyed by its inputs."""
     if tfds_name is None and text_dir is None:
-        return prepare_shakespeare(data_dir, length, vocab_size)
+        if eval_split != "validation":
+            raise ValueError(f"the shipped Shakespeare has the splits train and validation, not {eval_split!r}")
+        return prepare_shakespeare(data_dir, length, vocab_size, tokenizer_path=tokenizer_path,
+                                   max_documents=max_documents)
+    tokenizer = None if tokenizer_path is None else Tokenizer.load(tokenizer_path)  # a bad path fails first
     data_dir = epath.Path(data_dir)
     if text_dir is not None:
         name = absolute(text_dir).name
-        builder = build_text_files(text_dir, data_dir, name)
-        split = lambda s: source_texts(builder.as_data_source(s))  # noqa: E731
+        builder = build_text_files(text_dir, data_dir, name, ("train", eval_split))
+        documents = lambda split: source_texts(builder.as_data_source(split))
     else:
         name = tfds_name.replace("/", "-")
-        split = lambda s: tfds_documents(tfds_name, s, data_dir)  # noqa: E731
-    train = list(itertools.islice(split("train"), max_documents))
-    held_out = list(itertools.islice(split(eval_split), max_documents))
-    if tokenizer_path is not None:
-        tokenizer = Tokenizer.load(tokenizer_path)
-    else:
-        cached = data_dir / "tokenizers" / f"{name}-bpe{vocab_size}.model"
-        tokenizer = Tokenizer.load(cached) if cached.exists() else train_tokenizer(train, cached.with_suffix(""),
-                                                                                    vocab_size)
+        documents = lambda split: tfds_documents(tfds_name, split, data_dir)
+    return _pack(documents, eval_split, tokenizer, data_dir / "tokenizers", name, vocab_size, length, max_documents)
+
+
+def _pack(documents: Callable[[str], Iterable[str]], eval_split: str, tokenizer: Tokenizer | None,
+          cache_dir: epath.Path, name: str, vocab_size: int, length: int, max_documents: int | None) -> PackedCorpus:
+    """Read train and `eval_split` (at most `max_documents` each), train a tokenizer unless given one, pack both."""
+    train = list(itertools.islice(documents("train"), max_documents))
+    held_out = list(itertools.islice(documents(eval_split), max_documents))
+    if tokenizer is None:
+        tokenizer = cached_tokenizer(train, cache_dir, name, vocab_size)
     return PackedCorpus(tokenizer, packed_rows(tokenizer, train, length), packed_rows(tokenizer, held_out, length))
+
+
+def check_token_ids(rows: np.ndarray, vocab_size: int, name: str) -> None:
+    """Raise unless every id of `rows` is in [0, vocab_size): under jit the embedding lookup checks nothing
+    (an id >= vocab_size reads NaN, a negative one wraps around to the end of the table)."""
+    if rows.size:
+        low, high = int(rows.min()), int(rows.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"the {name} rows hold token ids in [{low}, {high}], outside [0, {vocab_size}): "
+                             f"the tokenizer and the model's vocab_size={vocab_size} disagree")

@@ -102,7 +102,7 @@ class GPT(nn.Module):
 
     cfg: GPTConfig
 
-    def setup(self):
+    def setup(self) -> None:
         cfg = self.cfg
         self.token_embed = nn.Embed(
             cfg.vocab_size,

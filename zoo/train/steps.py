@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from zoo.train import recipes
 
 
 def next_token_loss(model: nn.Module, params: Any, tokens: jax.Array, **apply_kwargs: Any) -> jax.Array:
@@ -28,22 +31,16 @@ def adamw(
     clip_norm: float = 1.0,
     final_lr_fraction: float = 0.1,
 ) -> optax.GradientTransformation:
-    """GPT-3's optimizer: AdamW with linear warmup then cosine decay to 10% of the peak,
-    global-norm clipping, and weight decay on matrices only (not biases or LN scales)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), learning_rate * final_lr_fraction
-    )
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    return optax.chain(
-        optax.clip_by_global_norm(clip_norm),
-        optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-            learning_rate=schedule, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay, mask=decay_mask
-        ),
-    )
+    """GPT-3's optimizer with its cosine over the whole run (the horizon at `total_steps`, or one
+    step past warm-up): `recipes.optimizer` of that recipe, for callers that name no preset."""
+    return recipes.optimizer(recipes.Recipe(
+        learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), final_lr_fraction, weight_decay, betas,
+        eps, clip_norm,
+    ))
 
 
 def learning_rate(opt_state: Any) -> jax.Array:
-    """The learning rate the last update used (`adamw` records it in its state)."""
+    """The learning rate the last update used (`recipes.optimizer` records it in its state)."""
     return optax.tree_utils.tree_get(opt_state, "hyperparams")["learning_rate"]
 
 
@@ -80,16 +77,17 @@ def train_step_fn(
     With `accumulation_steps` = k, the batch's rows are split into k micro-batches whose mean
     gradient makes the one update (rows i, k + i, 2k + i, ... form micro-batch i, so each device
     keeps its own rows). `unroll_accumulation` compiles the micro-batches without a loop (for
-    XLA's cost analysis, which counts a loop's body once)."""
+    XLA's cost analysis, which counts a loop's body once). A NaN or Inf loss makes the gradients
+    NaN, so that a guard on the updates (the loop's `optax.apply_if_finite`) skips that step too."""
 
     def value_and_grads(params: Any, batch: Any, rng: jax.Array):
-        loss = lambda p: _losses(loss_fn, model, p, batch, deterministic=False, rngs={"dropout": rng})  # noqa: E731
+        loss = lambda p: _losses(loss_fn, model, p, batch, deterministic=False, rngs={"dropout": rng})
         return jax.value_and_grad(loss, has_aux=True)(params)
 
     def accumulated(params: Any, batch: Any, rng: jax.Array):
         micro = jax.tree.map(lambda x: x.reshape(-1, accumulation_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
-        def add(total, inputs):
+        def add(total: Any, inputs: tuple[jax.Array, Any]) -> tuple[Any, None]:
             index, micro_batch = inputs
             out = value_and_grads(params, micro_batch, jax.random.fold_in(rng, index))
             return jax.tree.map(jnp.add, total, out), None
@@ -103,6 +101,7 @@ def train_step_fn(
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         compute = value_and_grads if accumulation_steps == 1 else accumulated
         (value, accuracy), grads = compute(state["params"], batch, rng)
+        grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(value), g, jnp.nan), grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         metrics = {**_metrics(value, accuracy), "grad_norm": optax.tree.norm(grads),
                    "lr": learning_rate(opt_state)}
