@@ -41,8 +41,10 @@ def measure(impl: str, window: int, q: jax.Array, k: jax.Array, v: jax.Array, ct
         start = time.perf_counter()
         jax.block_until_ready(compiled(q, k, v))
         times.append(time.perf_counter() - start)
-    sizes = {f"{name}_mib": getattr(memory, f"{name}_size_in_bytes") / MiB if memory else None
-             for name in ("temp", "argument", "output")}
+    sizes = {
+        f"{name}_mib": getattr(memory, f"{name}_size_in_bytes") / MiB if memory else None
+        for name in ("temp", "argument", "output")
+    }
     return {"time_ms": 1e3 * statistics.median(times), **sizes, "compile_s": compile_s}
 
 
@@ -66,8 +68,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=64, help="head dimension D")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="q, k, v dtype")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per row (median reported)")
-    parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(CANDIDATES),
-                        help="those that supports() rejects on this backend, dtype or size are skipped")
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=IMPLEMENTATIONS,
+        default=list(CANDIDATES),
+        help="those that supports() rejects on this backend, dtype or size are skipped",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     return parser.parse_args()
 
@@ -78,9 +85,14 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype)
     shapes = {length: (args.batch, length, args.heads, args.head_dim) for length in args.lengths}
     impls = [i for i in args.implementations if any(runs(i, shapes[t], dtype, w) for t in shapes for w in args.windows)]
-    config = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "dtype": args.dtype,
-              "shape": f"[B={args.batch}, T, H={args.heads}, D={args.head_dim}]", "implementations": impls,
-              "unsupported": [i for i in args.implementations if i not in impls]}
+    config = {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "dtype": args.dtype,
+        "shape": f"[B={args.batch}, T, H={args.heads}, D={args.head_dim}]",
+        "implementations": impls,
+        "unsupported": [i for i in args.implementations if i not in impls],
+    }
     print(settings(config), end="\n\n", flush=True)
 
     rows, results = [], {}

@@ -40,19 +40,41 @@ from zoo.train.steps import adamw
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiments", nargs="+", default=["default", "vit_fashion_mnist"],
-                        choices=["default", "vit_fashion_mnist"], help="which experiments (default both)")
+    parser.add_argument(
+        "--experiments",
+        nargs="+",
+        default=["default", "vit_fashion_mnist"],
+        choices=["default", "vit_fashion_mnist"],
+        help="which experiments (default both)",
+    )
     parser.add_argument("--steps", type=int, default=50, help="training steps per run (default 50)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="runs of each kind, alternated; even, each kind goes first as often (default 2)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs of each kind, alternated; even, each kind goes first as often (default 2)",
+    )
     parser.add_argument("--log-every", type=int, default=5, help="steps per timed interval (default 5)")
-    parser.add_argument("--prefetch", type=int, default=LoopConfig.prefetch,
-                        help=f"batches prepared ahead (default {LoopConfig.prefetch}; 0: none)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of both models' configs, e.g. --set num_layers=2 (repeatable)")
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=LoopConfig.prefetch,
+        help=f"batches prepared ahead (default {LoopConfig.prefetch}; 0: none)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of both models' configs, e.g. --set num_layers=2 (repeatable)",
+    )
     parser.add_argument("--data-dir", default="runs/data", help="cache of tfds builds and tokenizers")
-    parser.add_argument("--vocab-size", type=int, default=default.MODEL.vocab_size,
-                        help=f"default.py's tokenizer vocabulary (default {default.MODEL.vocab_size})")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=default.MODEL.vocab_size,
+        help=f"default.py's tokenizer vocabulary (default {default.MODEL.vocab_size})",
+    )
     parser.add_argument("--data", help="the ViT's Fashion-MNIST IDX folder (default as vit_fashion_mnist.py's)")
     parser.add_argument("--synthetic", type=int, metavar="N", help="the ViT on N random images instead of the data")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows to this JSON file")
@@ -82,8 +104,9 @@ def vit_task(args: argparse.Namespace) -> tuple[Task, int]:
 
 def step_ms(task: Task, mesh: jax.sharding.Mesh, args: argparse.Namespace) -> list[float]:
     """The loop's mean step time of each logged interval but the first, training `task` afresh."""
-    loop = LoopConfig(steps=args.steps, log_every=args.log_every, checkpoint_every=args.steps, progress=False,
-                      prefetch=args.prefetch)
+    loop = LoopConfig(
+        steps=args.steps, log_every=args.log_every, checkpoint_every=args.steps, progress=False, prefetch=args.prefetch
+    )
     with tempfile.TemporaryDirectory() as workdir:
         train(task, adamw(1e-3, args.steps, 1), mesh, workdir, loop, {})
         records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
@@ -110,9 +133,22 @@ def compare(task: Task, mesh: jax.sharding.Mesh, args: argparse.Namespace) -> tu
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
     header = ["experiment", "batch", "devices", "prefetch", "real ms/step", "constant ms/step", "real / constant"]
-    return markdown_table(header, [[row["experiment"], fmt(row["batch"]), row["devices"], fmt(row["prefetch"]),
-                                    fmt(row["real_ms"], 1), fmt(row["constant_ms"], 1), fmt(row["ratio"], 3)]
-                                   for row in rows], left=1)
+    return markdown_table(
+        header,
+        [
+            [
+                row["experiment"],
+                fmt(row["batch"]),
+                row["devices"],
+                fmt(row["prefetch"]),
+                fmt(row["real_ms"], 1),
+                fmt(row["constant_ms"], 1),
+                fmt(row["ratio"], 3),
+            ]
+            for row in rows
+        ],
+        left=1,
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -126,8 +162,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name in args.experiments:
             task, batch = (gpt_task if name == "default" else vit_task)(args)
             real, fixed = compare(task, mesh, args)
-            rows.append({"experiment": name, "batch": batch, "devices": devices, "prefetch": args.prefetch,
-                         "real_ms": real, "constant_ms": fixed, "ratio": real / fixed})
+            rows.append(
+                {
+                    "experiment": name,
+                    "batch": batch,
+                    "devices": devices,
+                    "prefetch": args.prefetch,
+                    "real_ms": real,
+                    "constant_ms": fixed,
+                    "ratio": real / fixed,
+                }
+            )
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

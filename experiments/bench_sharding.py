@@ -39,28 +39,54 @@ from zoo.models.vit import ViTConfig
 from zoo.report import HelpFormatter, fmt, markdown_table, settings
 
 MiB = 2**20
-SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A",
-         "collective-permute": "CP"}
+SHORT = {
+    "all-gather": "AG",
+    "reduce-scatter": "RS",
+    "all-reduce": "AR",
+    "all-to-all": "A2A",
+    "collective-permute": "CP",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     presets = [*configs.GPT_PRESETS, *configs.VIT_PRESETS]
-    parser.add_argument("--preset", default="gpt2-small", choices=presets, metavar="PRESET",
-                        help=f"a GPT or ViT preset: {', '.join(presets)}")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a model config field, e.g. --set num_layers=2 (repeatable)")
-    parser.add_argument("--layouts", nargs="+", default=list(sharding.LAYOUTS),
-                        help="layout names or mesh specs such as data=2,fsdp=-1")
+    parser.add_argument(
+        "--preset",
+        default="gpt2-small",
+        choices=presets,
+        metavar="PRESET",
+        help=f"a GPT or ViT preset: {', '.join(presets)}",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model config field, e.g. --set num_layers=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--layouts", nargs="+", default=list(sharding.LAYOUTS), help="layout names or mesh specs such as data=2,fsdp=-1"
+    )
     parser.add_argument("--batch", type=int, default=8, help="global batch in rows")
-    parser.add_argument("--grad-accum", type=int, default=1,
-                        help="micro-batches per step: the batch's gradient accumulates over this many")
+    parser.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches per step: the batch's gradient accumulates over this many",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per layout (median reported)")
-    parser.add_argument("--chip", choices=list(bench.CHIPS),
-                        help="also predict each layout's step time and MFU on this chip by the roofline")
-    parser.add_argument("--topology", metavar="NAME",
-                        help="compile ahead of time for this TPU topology's chips (e.g. v5p:8x8x8) instead of running")
+    parser.add_argument(
+        "--chip",
+        choices=list(bench.CHIPS),
+        help="also predict each layout's step time and MFU on this chip by the roofline",
+    )
+    parser.add_argument(
+        "--topology",
+        metavar="NAME",
+        help="compile ahead of time for this TPU topology's chips (e.g. v5p:8x8x8) instead of running",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--plot", metavar="PATH", help="also draw step time and per-device memory as a PNG")
     args = parser.parse_args(argv)
@@ -75,8 +101,9 @@ def model_config(preset: str, assignments: list[str]) -> GPTConfig | ViTConfig:
     return configs.override(base, assignments)
 
 
-def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int, devices: list | None = None,
-           accumulation_steps: int = 1) -> str | None:
+def misfit(
+    cfg: GPTConfig | ViTConfig, layout: str, batch: int, devices: list | None = None, accumulation_steps: int = 1
+) -> str | None:
     """Why `layout` cannot run this model and batch (of `accumulation_steps` micro-batches) on `devices`
     (default: the available ones; None: it can)."""
     if batch % accumulation_steps:
@@ -86,17 +113,30 @@ def misfit(cfg: GPTConfig | ViTConfig, layout: str, batch: int, devices: list | 
     except ValueError as error:
         return str(error)
     batch_shards, tensor = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"]
-    sizes = {"micro-batch": (batch // accumulation_steps, batch_shards, "data x fsdp"),
-             "num_heads": (cfg.num_heads, tensor, "tensor"), "d_ff": (cfg.d_ff, tensor, "tensor")}
+    sizes = {
+        "micro-batch": (batch // accumulation_steps, batch_shards, "data x fsdp"),
+        "num_heads": (cfg.num_heads, tensor, "tensor"),
+        "d_ff": (cfg.d_ff, tensor, "tensor"),
+    }
     if isinstance(cfg, GPTConfig):
         sizes["vocab_size"] = (cfg.vocab_size, tensor, "tensor")
-    bad = [f"{name}={size} is not a multiple of {axes}={shards}"
-           for name, (size, shards, axes) in sizes.items() if size % shards]
+    bad = [
+        f"{name}={size} is not a multiple of {axes}={shards}"
+        for name, (size, shards, axes) in sizes.items()
+        if size % shards
+    ]
     return f"mesh {dict(mesh.shape)}: {'; '.join(bad)}" if bad else None
 
 
-def measure(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int, topology: str | None,
-            with_cost: bool, accumulation_steps: int = 1) -> dict:
+def measure(
+    cfg: GPTConfig | ViTConfig,
+    layout: str,
+    batch: int,
+    repeats: int,
+    topology: str | None,
+    with_cost: bool,
+    accumulation_steps: int = 1,
+) -> dict:
     """One layout's row (compiled for `topology`'s chips when given, else run here), or a note of why it was skipped."""
     reason = misfit(cfg, layout, batch, bench.topology_devices(topology) if topology else None, accumulation_steps)
     if reason:
@@ -121,8 +161,10 @@ def mib(value: int | None) -> float | None:
 
 def collective_cell(found: dict[str, dict[str, int]]) -> str:
     """E.g. "AG 38 × 0.14, AR 7 × 0.08": count and MiB per kind that occurs."""
-    return ", ".join(f"{SHORT[kind]} {c['count']} × {c['bytes'] / MiB:.2f}" for kind, c in found.items()
-                     if c["count"]) or "none"
+    return (
+        ", ".join(f"{SHORT[kind]} {c['count']} × {c['bytes'] / MiB:.2f}" for kind, c in found.items() if c["count"])
+        or "none"
+    )
 
 
 def throughput(per_s: float) -> str:
@@ -132,12 +174,33 @@ def throughput(per_s: float) -> str:
 
 def table(rows: list[dict], item_name: str, chip: str | None) -> str:
     """The measured rows (and, with a chip, their roofline predictions) as a markdown table."""
-    header = ["layout", "mesh (data, fsdp, tensor)", "compile (s)", "step (ms)", f"{item_name}/s", "MFU",
-              "args (MiB)", "temps (MiB)", "outputs (MiB)", "collectives (count × MiB)"]
-    cells = [[row["layout"], ", ".join(map(str, row["mesh"].values())), fmt(row["compile_s"]),
-              fmt(1e3 * row["step_s"], 1), throughput(row[f"{item_name}_per_s"]), fmt(row["mfu"], 4),
-              fmt(mib(row["memory"]["argument_bytes"])), fmt(mib(row["memory"]["temp_bytes"])),
-              fmt(mib(row["memory"]["output_bytes"])), collective_cell(row["collectives"])] for row in rows]
+    header = [
+        "layout",
+        "mesh (data, fsdp, tensor)",
+        "compile (s)",
+        "step (ms)",
+        f"{item_name}/s",
+        "MFU",
+        "args (MiB)",
+        "temps (MiB)",
+        "outputs (MiB)",
+        "collectives (count × MiB)",
+    ]
+    cells = [
+        [
+            row["layout"],
+            ", ".join(map(str, row["mesh"].values())),
+            fmt(row["compile_s"]),
+            fmt(1e3 * row["step_s"], 1),
+            throughput(row[f"{item_name}_per_s"]),
+            fmt(row["mfu"], 4),
+            fmt(mib(row["memory"]["argument_bytes"])),
+            fmt(mib(row["memory"]["temp_bytes"])),
+            fmt(mib(row["memory"]["output_bytes"])),
+            collective_cell(row["collectives"]),
+        ]
+        for row in rows
+    ]
     if chip:
         header += [f"{chip} roofline (ms)", "bound by", f"{chip} MFU bound"]
         for cell, row in zip(cells, rows):
@@ -160,21 +223,48 @@ def aot_table(rows: list[dict]) -> str:
     """Rows compiled for a topology's chips as a markdown table: per-chip memory against HBM, the
     whole step's cost, collectives, and the roofline's time per resource, step time and MFU."""
     chip = rows[0]["chip"]
-    header = ["layout", "mesh (data, fsdp, tensor)", "compile (s)", "args (GiB)", "temps (GiB)", "peak (GiB)",
-              f"fits {gib(rows[0]['hbm_bytes']):.0f} GiB", "TFLOPs", "HBM GB", "link GB", "collectives (count × MiB)",
-              "compute (ms)", "HBM (ms)", "ICI (ms)", "step (ms)", "bound by", f"{chip} MFU"]
+    header = [
+        "layout",
+        "mesh (data, fsdp, tensor)",
+        "compile (s)",
+        "args (GiB)",
+        "temps (GiB)",
+        "peak (GiB)",
+        f"fits {gib(rows[0]['hbm_bytes']):.0f} GiB",
+        "TFLOPs",
+        "HBM GB",
+        "link GB",
+        "collectives (count × MiB)",
+        "compute (ms)",
+        "HBM (ms)",
+        "ICI (ms)",
+        "step (ms)",
+        "bound by",
+        f"{chip} MFU",
+    ]
     cells = []
     for row in rows:
         mem, flops, accessed = row["memory"], row["cost"]["flops"], row["cost"]["bytes_accessed"]
         link = sum(c["link_bytes"] for c in row["collectives"].values())
         predicted = row["predicted"]
-        cells.append([row["layout"], ", ".join(map(str, row["mesh"].values())), fmt(row["compile_s"], 1),
-                      fmt(gib(mem["argument_bytes"])), fmt(gib(mem["temp_bytes"])), fmt(gib(row["peak_bytes"])),
-                      {True: "yes", False: "NO", None: "n/a"}[row["fits"]],
-                      fmt(None if flops is None else flops / 1e12), fmt(None if accessed is None else accessed / 1e9),
-                      fmt(link / 1e9), collective_cell(row["collectives"]),
-                      *(fmt(ms(predicted[key]), 3) for key in ("compute_s", "memory_s", "interconnect_s", "step_s")),
-                      fmt(predicted["bound"]), fmt(predicted["mfu"], 3)])
+        cells.append(
+            [
+                row["layout"],
+                ", ".join(map(str, row["mesh"].values())),
+                fmt(row["compile_s"], 1),
+                fmt(gib(mem["argument_bytes"])),
+                fmt(gib(mem["temp_bytes"])),
+                fmt(gib(row["peak_bytes"])),
+                {True: "yes", False: "NO", None: "n/a"}[row["fits"]],
+                fmt(None if flops is None else flops / 1e12),
+                fmt(None if accessed is None else accessed / 1e9),
+                fmt(link / 1e9),
+                collective_cell(row["collectives"]),
+                *(fmt(ms(predicted[key]), 3) for key in ("compute_s", "memory_s", "interconnect_s", "step_s")),
+                fmt(predicted["bound"]),
+                fmt(predicted["mfu"], 3),
+            ]
+        )
     return markdown_table(header, cells)
 
 
@@ -191,8 +281,11 @@ def plot(rows: list[dict], path: str) -> None:
     time_ax.bar(names, [1e3 * row["step_s"] for row in rows], color="tab:blue")
     time_ax.set_ylabel("step time (ms)")
     bottom = [0.0] * len(rows)
-    parts = {"arguments": lambda m: m["argument_bytes"], "temps": lambda m: m["temp_bytes"],
-             "outputs not aliased": lambda m: m["output_bytes"] - (m["alias_bytes"] or 0)}
+    parts = {
+        "arguments": lambda m: m["argument_bytes"],
+        "temps": lambda m: m["temp_bytes"],
+        "outputs not aliased": lambda m: m["output_bytes"] - (m["alias_bytes"] or 0),
+    }
     for label, size in parts.items():
         heights = [mib(size(row["memory"])) if row["memory"]["output_bytes"] is not None else 0.0 for row in rows]
         memory_ax.bar(names, heights, bottom=bottom, label=label)
@@ -213,14 +306,23 @@ def main(argv: list[str] | None = None) -> None:
     item_name = "tokens" if isinstance(cfg, GPTConfig) else "images"
     config = {"preset": args.preset, "overrides": args.set, "batch": args.batch, "grad_accum": args.grad_accum}
     if args.topology:
-        config |= {"topology": args.topology, "chip": bench.topology_chip(args.topology),
-                   "devices": len(bench.topology_devices(args.topology))}
+        config |= {
+            "topology": args.topology,
+            "chip": bench.topology_chip(args.topology),
+            "devices": len(bench.topology_devices(args.topology)),
+        }
     else:
-        config |= {"repeats": args.repeats, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-                   "devices": jax.device_count()}
+        config |= {
+            "repeats": args.repeats,
+            "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind,
+            "devices": jax.device_count(),
+        }
     print(settings(config), end="\n\n", flush=True)
-    results = [measure(cfg, layout, args.batch, args.repeats, args.topology, args.chip is not None, args.grad_accum)
-               for layout in args.layouts]
+    results = [
+        measure(cfg, layout, args.batch, args.repeats, args.topology, args.chip is not None, args.grad_accum)
+        for layout in args.layouts
+    ]
     rows = [row for row in results if "skipped" not in row]
     for row in rows if args.chip else []:
         row["predicted"] = bench.predict(row, args.chip)

@@ -52,8 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="rows per step, each context_length tokens")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a gpt2-small config field over the default shape {SHAPE} (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a gpt2-small config field over the default shape {SHAPE} (repeatable)",
+    )
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile(model)")
     parser.add_argument("--json", metavar="PATH", help="also write the config and rows as JSON to PATH")
     return parser.parse_args(argv)
@@ -75,7 +80,7 @@ def import_interop() -> tuple[Any, Any]:
         import torch
         import transformers
     except ImportError as error:
-        raise SystemExit(f"{error}: this benchmark needs the interop extra: pip install -e \".[interop]\"") from None
+        raise SystemExit(f'{error}: this benchmark needs the interop extra: pip install -e ".[interop]"') from None
     return torch, transformers
 
 
@@ -84,10 +89,21 @@ def torch_model(cfg: GPTConfig) -> torch.nn.Module:
     _, transformers = import_interop()
     activation = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
     hf_config = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model, n_layer=cfg.num_layers,
-        n_head=cfg.num_heads, n_inner=cfg.d_ff, activation_function=activation, layer_norm_epsilon=cfg.layer_norm_eps,
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=0.0, initializer_range=cfg.init_std,
-        bos_token_id=None, eos_token_id=None)
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.context_length,
+        n_embd=cfg.d_model,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_inner=cfg.d_ff,
+        activation_function=activation,
+        layer_norm_epsilon=cfg.layer_norm_eps,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=0.0,
+        initializer_range=cfg.init_std,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     return transformers.GPT2LMHeadModel(hf_config).train()
 
 
@@ -95,7 +111,8 @@ def zoo_step(cfg: GPTConfig, params: dict, tokens: np.ndarray) -> Callable[[], f
     """One jitted zoo train step per call, on jax.devices()[0], its state donated."""
     # plain AdamW; inject_hyperparams keeps the learning rate in its state, where train_step_fn reports it from
     optimizer = optax.inject_hyperparams(optax.adamw)(
-        ADAMW["lr"], *ADAMW["betas"], ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
+        ADAMW["lr"], *ADAMW["betas"], ADAMW["eps"], weight_decay=ADAMW["weight_decay"]
+    )
     step = jax.jit(train_step_fn(GPT(cfg), optimizer, next_token_loss), donate_argnums=0)
     device = jax.devices()[0]
     carry = {"state": jax.device_put(train_state(params, optimizer, jax.random.key(0)), device)}
@@ -135,17 +152,42 @@ def measure(framework: str, step: Callable[[], float], warmup: int, steps: int, 
         losses.append(step())
         seconds.append(time.perf_counter() - start)
     step_s = statistics.median(seconds[warmup:])
-    return {"framework": framework, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_step / step_s,
-            "first_step_s": seconds[0], "first_loss": losses[0], "losses": losses, "seconds": seconds}
+    return {
+        "framework": framework,
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": tokens_per_step / step_s,
+        "first_step_s": seconds[0],
+        "first_loss": losses[0],
+        "losses": losses,
+        "seconds": seconds,
+    }
 
 
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table, throughput relative to eager PyTorch's."""
-    header = ["framework", "step (median ms)", "tokens/s", "× pytorch (eager)", "MFU", "first step (s)",
-              "first loss", "last loss"]
-    cells = [[r["framework"], f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['vs_pytorch']:.2f}",
-              f"{r['mfu']:.2f}", f"{r['first_step_s']:.2f}", f"{r['first_loss']:.6f}", f"{r['losses'][-1]:.6f}"]
-             for r in rows]
+    header = [
+        "framework",
+        "step (median ms)",
+        "tokens/s",
+        "× pytorch (eager)",
+        "MFU",
+        "first step (s)",
+        "first loss",
+        "last loss",
+    ]
+    cells = [
+        [
+            r["framework"],
+            f"{r['step_ms']:.1f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['vs_pytorch']:.2f}",
+            f"{r['mfu']:.2f}",
+            f"{r['first_step_s']:.2f}",
+            f"{r['first_loss']:.6f}",
+            f"{r['losses'][-1]:.6f}",
+        ]
+        for r in rows
+    ]
     return markdown_table(header, cells, left=1)
 
 
@@ -160,15 +202,23 @@ def main(argv: list[str] | None = None) -> None:
     _, params = interop.from_transformers(model)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, cfg.context_length + 1))
     fields = ("num_layers", "d_model", "num_heads", "d_ff", "context_length", "vocab_size")
-    config = {"model": {k: getattr(cfg, k) for k in fields}, "batch": args.batch, "warmup": args.warmup,
-              "steps": args.steps, "adamw": ADAMW, "jax": f"{jax.__version__} on {jax.devices()[0]}",
-              "torch": f"{torch.__version__}, {torch.get_num_threads()} threads (os.cpu_count()), "
-                       f"{model.config._attn_implementation} attention"}
+    config = {
+        "model": {k: getattr(cfg, k) for k in fields},
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "adamw": ADAMW,
+        "jax": f"{jax.__version__} on {jax.devices()[0]}",
+        "torch": f"{torch.__version__}, {torch.get_num_threads()} threads (os.cpu_count()), "
+        f"{model.config._attn_implementation} attention",
+    }
     print(settings(config), end="\n\n", flush=True)
 
     timing = (args.warmup, args.steps, args.batch * cfg.context_length)
-    rows = [measure("zoo (jax.jit)", zoo_step(cfg, params, tokens), *timing),
-            measure("pytorch (eager)", torch_step(copy.deepcopy(model), tokens), *timing)]
+    rows = [
+        measure("zoo (jax.jit)", zoo_step(cfg, params, tokens), *timing),
+        measure("pytorch (eager)", torch_step(copy.deepcopy(model), tokens), *timing),
+    ]
     failure = None
     if args.torch_compile:
         try:
@@ -183,8 +233,10 @@ def main(argv: list[str] | None = None) -> None:
         r["mfu"] = r["tokens_per_s"] * gpt_flops_per_token(cfg) / peak
     print(table(rows))
     print(f"\nzoo/pytorch tokens/s: {zoo['vs_pytorch']:.2f}x (MFU against {peak / 1e9:.0f} GFLOP/s, {source})")
-    print(f"first-step losses: zoo {zoo['first_loss']:.6f}, pytorch {pytorch['first_loss']:.6f} "
-          f"(difference {abs(zoo['first_loss'] - pytorch['first_loss']):.1e})")
+    print(
+        f"first-step losses: zoo {zoo['first_loss']:.6f}, pytorch {pytorch['first_loss']:.6f} "
+        f"(difference {abs(zoo['first_loss'] - pytorch['first_loss']):.1e})"
+    )
     if failure:
         print(f"torch.compile skipped: {failure}")
     if args.json:

@@ -15,8 +15,15 @@ import zoo
 from zoo import experiment
 
 MODEL = zoo.GPTConfig(
-    vocab_size=2048, context_length=128, num_layers=4, d_model=128, num_heads=4, d_ff=512,
-    attention_pattern=("dense", "banded"), window=32, dropout=0.0,
+    vocab_size=2048,
+    context_length=128,
+    num_layers=4,
+    d_model=128,
+    num_heads=4,
+    d_ff=512,
+    attention_pattern=("dense", "banded"),
+    window=32,
+    dropout=0.0,
 )
 
 
@@ -31,8 +38,9 @@ def main() -> None:
     args = parse_args()
     # GPT-3's optimizer (AdamW, betas (0.9, 0.95), clipping 1, weight decay 0.1), a higher peak for
     # this small model, warm-up over the first 10% of the run, cosine to 10% at its end.
-    experiment.run_language_model(args, MODEL, "gpt3-small", learning_rate=2e-3, warmup_steps=args.steps // 10,
-                                  decay_steps=args.steps)
+    experiment.run_language_model(
+        args, MODEL, "gpt3-small", learning_rate=2e-3, warmup_steps=args.steps // 10, decay_steps=args.steps
+    )
 
 
 if __name__ == "__main__":

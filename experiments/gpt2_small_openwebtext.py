@@ -16,8 +16,9 @@ from zoo import experiment
 
 def main() -> None:
     cfg = zoo.configs.gpt("gpt2-small", dtype="bfloat16")
-    parser = experiment.parser(__doc__, workdir="runs/gpt2-small-openwebtext", steps=600_000, batch=480,
-                               checkpoint_every=1000)
+    parser = experiment.parser(
+        __doc__, workdir="runs/gpt2-small-openwebtext", steps=600_000, batch=480, checkpoint_every=1000
+    )
     experiment.add_text_flags(parser, vocab_size=50257)
     experiment.run_language_model(parser.parse_args(), cfg, "gpt2-small")
 

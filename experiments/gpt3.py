@@ -23,16 +23,23 @@ from zoo.train import recipes
 
 def main() -> None:
     presets = argparse.ArgumentParser(add_help=False)
-    presets.add_argument("--preset", default="gpt3-small", choices=list(zoo.configs.GPT_PRESETS),
-                         help="model size (default gpt3-small)")
+    presets.add_argument(
+        "--preset", default="gpt3-small", choices=list(zoo.configs.GPT_PRESETS), help="model size (default gpt3-small)"
+    )
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False, parents=[presets])
     early.add_argument("--set", action="append", default=[])
     known = early.parse_known_args()[0]  # the defaults below depend on the model and its context
     cfg = zoo.configs.gpt(known.preset, dtype="bfloat16")
     context = zoo.configs.override(cfg, known.set).context_length
     batch = max(1, round(recipes.batch_tokens(known.preset) / context))
-    parser = experiment.parser(__doc__, workdir=f"runs/{known.preset}", steps=round(300e9 / (batch * context)),
-                               batch=batch, checkpoint_every=1000, parents=(presets,))
+    parser = experiment.parser(
+        __doc__,
+        workdir=f"runs/{known.preset}",
+        steps=round(300e9 / (batch * context)),
+        batch=batch,
+        checkpoint_every=1000,
+        parents=(presets,),
+    )
     experiment.add_text_flags(parser, vocab_size=32768)
     args = parser.parse_args()
     experiment.run_language_model(args, cfg, args.preset)

@@ -36,14 +36,25 @@ SHIFT = 16  # pixels of random shift
 
 def parse_args() -> argparse.Namespace:
     """The flags, with this experiment's defaults."""
-    parser = experiment.parser(__doc__, workdir="runs/vit_b16_imagenet", steps=round(300 * EPOCH_STEPS),
-                               batch=recipes.VIT_BATCH, log_every=100, checkpoint_every=2000, mesh="fsdp=-1")
-    parser.add_argument("--data-dir", type=epath.Path,
-                        help="tfds data dir holding (or to build) imagenet2012, on each host's disk (without "
-                             "TensorFlow, tfds's array_record files are local files; default: tfds's own, "
-                             "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    parser.add_argument("--mock", action="store_true",
-                        help="random images of the model's size instead of ImageNet (tests, smoke runs)")
+    parser = experiment.parser(
+        __doc__,
+        workdir="runs/vit_b16_imagenet",
+        steps=round(300 * EPOCH_STEPS),
+        batch=recipes.VIT_BATCH,
+        log_every=100,
+        checkpoint_every=2000,
+        mesh="fsdp=-1",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=epath.Path,
+        help="tfds data dir holding (or to build) imagenet2012, on each host's disk (without "
+        "TensorFlow, tfds's array_record files are local files; default: tfds's own, "
+        "$TFDS_DATA_DIR or ~/tensorflow_datasets)",
+    )
+    parser.add_argument(
+        "--mock", action="store_true", help="random images of the model's size instead of ImageNet (tests, smoke runs)"
+    )
     return parser.parse_args()
 
 
@@ -51,8 +62,9 @@ def examples(args: argparse.Namespace, cfg: zoo.ViTConfig, split: str) -> ArrayE
     """The `split` ("train" or "validation") of ImageNet, or of random images with --mock."""
     if args.mock:
         count = 2 * args.batch if split == "train" else args.batch
-        return synthetic_examples(count, cfg.image_size, cfg.num_channels, cfg.num_classes,
-                                  seed=args.seed + (split != "train"))
+        return synthetic_examples(
+            count, cfg.image_size, cfg.num_channels, cfg.num_classes, seed=args.seed + (split != "train")
+        )
     return tfds_examples("imagenet2012", split, args.data_dir, image_size=cfg.image_size)
 
 

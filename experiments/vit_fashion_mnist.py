@@ -31,8 +31,18 @@ from zoo import experiment
 from zoo.data import images
 from zoo.train.recipes import Recipe
 
-MODEL = zoo.ViTConfig(image_size=28, patch_size=7, num_channels=1, num_classes=10, num_layers=4, d_model=64,
-                      num_heads=4, d_ff=256, pooling="token", init_std=0.1)
+MODEL = zoo.ViTConfig(
+    image_size=28,
+    patch_size=7,
+    num_channels=1,
+    num_classes=10,
+    num_layers=4,
+    d_model=64,
+    num_heads=4,
+    d_ff=256,
+    pooling="token",
+    init_std=0.1,
+)
 LEARNING_RATE, WARMUP = 2e-3, 100
 EVAL_BATCH = 1000  # divides the 10,000 test images: each is evaluated once
 
@@ -42,20 +52,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     once, naming what to pass, when no data is at hand."""
     parser = experiment.parser(__doc__, workdir="runs/vit_fashion_mnist", steps=1500, batch=128, log_every=100)
     default_data = images.local_dataset("fashion-mnist")
-    parser.add_argument("--data", type=pathlib.Path, default=default_data,
-                        help=f"folder of the four Fashion-MNIST IDX .gz files (default "
-                             f"${images.DATA_ENV}/fashion-mnist where that exists; here {default_data})")
-    parser.add_argument("--data-dir", type=epath.Path, default=epath.Path("runs/data"),
-                        help="cache of the tfds build (default runs/data)")
-    parser.add_argument("--download", action="store_true",
-                        help="without --data: download tfds's fashion_mnist into --data-dir (needs the internet)")
-    parser.add_argument("--synthetic", type=experiment.positive, metavar="N",
-                        help="train and test on N random 28 x 28 images instead of the data (tests, smoke runs)")
+    parser.add_argument(
+        "--data",
+        type=pathlib.Path,
+        default=default_data,
+        help=f"folder of the four Fashion-MNIST IDX .gz files (default "
+        f"${images.DATA_ENV}/fashion-mnist where that exists; here {default_data})",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=epath.Path,
+        default=epath.Path("runs/data"),
+        help="cache of the tfds build (default runs/data)",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="without --data: download tfds's fashion_mnist into --data-dir (needs the internet)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        type=experiment.positive,
+        metavar="N",
+        help="train and test on N random 28 x 28 images instead of the data (tests, smoke runs)",
+    )
     args = parser.parse_args(argv)
     if not (args.synthetic or args.data or args.download or images.tfds_prepared("fashion_mnist", args.data_dir)):
-        parser.error(f"no Fashion-MNIST here: pass --data DIR (the four IDX .gz files), set {images.DATA_ENV} to a "
-                     f"folder holding fashion-mnist/, pass --download to fetch tfds's fashion_mnist into "
-                     f"--data-dir {args.data_dir}, or --synthetic N for random images")
+        parser.error(
+            f"no Fashion-MNIST here: pass --data DIR (the four IDX .gz files), set {images.DATA_ENV} to a "
+            f"folder holding fashion-mnist/, pass --download to fetch tfds's fashion_mnist into "
+            f"--data-dir {args.data_dir}, or --synthetic N for random images"
+        )
     return args
 
 
@@ -70,15 +97,21 @@ def examples(args: argparse.Namespace, split: str) -> images.ArrayExamples:
 
 def image_data(args: argparse.Namespace) -> experiment.ImageData:
     """The data the flags name: flipped, not shifted, in training; every test image evaluated once."""
-    return experiment.ImageData(lambda cfg, split: examples(args, split), images.FASHION_MNIST_MEAN,
-                                images.FASHION_MNIST_STD, pad=0, eval_split="test",
-                                eval_batch=math.gcd(args.synthetic or 10_000, EVAL_BATCH))
+    return experiment.ImageData(
+        lambda cfg, split: examples(args, split),
+        images.FASHION_MNIST_MEAN,
+        images.FASHION_MNIST_STD,
+        pad=0,
+        eval_split="test",
+        eval_batch=math.gcd(args.synthetic or 10_000, EVAL_BATCH),
+    )
 
 
 def main() -> None:
     args = parse_args()
-    recipe = Recipe(LEARNING_RATE, WARMUP, max(args.steps, WARMUP + 1), final_lr_fraction=0.0, weight_decay=0.1,
-                    betas=(0.9, 0.95))
+    recipe = Recipe(
+        LEARNING_RATE, WARMUP, max(args.steps, WARMUP + 1), final_lr_fraction=0.0, weight_decay=0.1, betas=(0.9, 0.95)
+    )
     experiment.run_image_classifier(args, MODEL, recipe, image_data(args))
 
 

@@ -99,8 +99,8 @@ def test_padded_batches(padding):
         assert relative_error(actual, expected) <= 1e-5
     if padding == "right":
         row = 1
-        alone = attn.dense_attention(q[row:row + 1, :19], k[row:row + 1, :19], v[row:row + 1, :19], window=6)
-        assert relative_error(banded[0][row:row + 1, :19], alone) <= 1e-5
+        alone = attn.dense_attention(q[row : row + 1, :19], k[row : row + 1, :19], v[row : row + 1, :19], window=6)
+        assert relative_error(banded[0][row : row + 1, :19], alone) <= 1e-5
 
 
 def test_fully_masked_rows_do_not_produce_nan():
@@ -131,7 +131,8 @@ def test_splash_on_each_shard_equals_dense_in_values_and_gradients(layout, heads
     splash = functools.partial(attn._splash_attention, interpret=True)
     with sharding.sharding_context(mesh):
         assert attn._shard_spec(q.shape, mesh.abstract_mesh) == (
-            P(("fsdp",), None, None, None) if heads == 3 else P(("data",), None, ("tensor",), None))
+            P(("fsdp",), None, None, None) if heads == 3 else P(("data",), None, ("tensor",), None)
+        )
         sharded = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (q, k, v)]
         actual = value_and_grads(splash, *sharded, window=window)
     expected = value_and_grads(attn.dense_attention, q, k, v, window=window)

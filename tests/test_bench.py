@@ -18,8 +18,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from zoo import bench, configs, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = ["--preset", "gpt2-small", "--set", "num_layers=1", "--set", "d_model=32", "--set", "num_heads=4",
-        "--set", "d_ff=64", "--set", "context_length=16", "--set", "vocab_size=64"]
+TINY = [
+    *"--preset gpt2-small --set num_layers=1 --set d_model=32 --set num_heads=4".split(),
+    *"--set d_ff=64 --set context_length=16 --set vocab_size=64".split(),
+]
 
 HLO = """\
 HloModule snippet, entry_computation_layout={(f32[8,128]{1,0})->f32[8,128]{1,0}}
@@ -69,19 +71,27 @@ def test_shape_bytes_of_arrays_tuples_and_dtypes():
 
 def totals(found: dict) -> dict:
     """Each kind's count, bytes and link bytes (without the split by torus dimensions)."""
-    return {kind: {key: value for key, value in counts.items() if key != "link_bytes_by_dims"}
-            for kind, counts in found.items()}
+    return {
+        kind: {key: value for key, value in counts.items() if key != "link_bytes_by_dims"}
+        for kind, counts in found.items()
+    }
 
 
 def test_collectives_in_handwritten_hlo():
     found = totals(bench.collectives(HLO, num_devices=4))
     # Counted once per async pair, tuples summed; %pair names no groups, so it spans all 4 devices.
-    assert found["all-reduce"] == {"count": 3, "bytes": 4096 + 4096 + (4096 + 128),
-                                   "link_bytes": 4096 + 4096 + 2 * 3 / 4 * (4096 + 128)}
+    assert found["all-reduce"] == {
+        "count": 3,
+        "bytes": 4096 + 4096 + (4096 + 128),
+        "link_bytes": 4096 + 4096 + 2 * 3 / 4 * (4096 + 128),
+    }
     assert found["collective-permute"] == {"count": 1, "bytes": 4096, "link_bytes": 4096}  # at -done
     assert found["all-to-all"] == {"count": 1, "bytes": 16, "link_bytes": 12}
-    assert found["all-gather"] == {"count": 3, "bytes": 3 * 16 * 256 * 2,  # bf16, 3 loop iterations
-                                   "link_bytes": 3 * 3 / 4 * 16 * 256 * 2}
+    assert found["all-gather"] == {
+        "count": 3,
+        "bytes": 3 * 16 * 256 * 2,  # bf16, 3 loop iterations
+        "link_bytes": 3 * 3 / 4 * 16 * 256 * 2,
+    }
     assert found["reduce-scatter"] == {"count": 3, "bytes": 3 * 4 * 256 * 2, "link_bytes": 3 * 3 * 4 * 256 * 2}
 
 
@@ -89,7 +99,8 @@ def test_collectives_in_a_loop_bounded_by_its_condition():
     hlo = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "").replace(
         "  ROOT %lt = pred[] constant(true)",
         "  %n = s32[]{:T(128)} constant(5)\n  %i = s32[] get-tuple-element(%p), index=0\n"
-        "  ROOT %lt = pred[] compare(%i, %n), direction=LT")
+        "  ROOT %lt = pred[] compare(%i, %n), direction=LT",
+    )
     assert "known_trip_count" not in hlo
     assert bench.collectives(hlo)["all-gather"]["count"] == 5
 
@@ -127,9 +138,11 @@ def test_groups_span_the_torus_dimensions_their_members_differ_in():
     assert bench.torus_dims(np.array([0, 4]), coords) == 1  # along y
     assert bench.torus_dims(np.arange(8), coords) == 2
     assert bench.torus_dims(np.arange(8), None) is None
-    hlo = ("  %g = f32[8]{0} all-gather(%x), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}\n"
-           "  %r = f32[8]{0} all-reduce(%y), replica_groups={{0,4},{1,5},{2,6},{3,7}}, to_apply=%add\n"
-           "  %a = f32[8]{0} all-reduce(%z), to_apply=%add\n")
+    hlo = (
+        "  %g = f32[8]{0} all-gather(%x), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}\n"
+        "  %r = f32[8]{0} all-reduce(%y), replica_groups={{0,4},{1,5},{2,6},{3,7}}, to_apply=%add\n"
+        "  %a = f32[8]{0} all-reduce(%z), to_apply=%add\n"
+    )
     found = bench.collectives(hlo, 8, coords)
     assert found["all-gather"]["link_bytes_by_dims"] == {1: 3 / 4 * 32}
     assert found["all-reduce"]["link_bytes_by_dims"] == {1: 2 * 1 / 2 * 32, 2: 2 * 7 / 8 * 32}
@@ -178,8 +191,12 @@ def test_memory_without_an_analysis():
 
 def test_roofline_takes_the_slowest_resource():
     chip = bench.Chip(peak_flops=100.0, hbm_bytes=1e9, hbm_bandwidth=10.0, ici_bandwidth=1.0)
-    assert bench.roofline(1000, 50, 5, chip) == {"compute_s": 10.0, "memory_s": 5.0, "interconnect_s": 5.0,
-                                                 "step_s": 10.0}
+    assert bench.roofline(1000, 50, 5, chip) == {
+        "compute_s": 10.0,
+        "memory_s": 5.0,
+        "interconnect_s": 5.0,
+        "step_s": 10.0,
+    }
     assert bench.roofline(100, 300, 5, chip)["step_s"] == 30.0  # memory-bound
     assert bench.roofline(100, 50, 20, chip)["step_s"] == 20.0  # interconnect-bound
     v5e = bench.CHIPS["tpu-v5e"]
@@ -201,8 +218,17 @@ def test_predict_from_a_measured_row():
 
 
 def test_step_cost_counts_every_layer_that_the_layer_loop_hides():
-    cfg = configs.gpt("gpt3-small", num_layers=6, d_model=32, num_heads=4, d_ff=64, context_length=16,
-                      vocab_size=64, window=8, remat="full")
+    cfg = configs.gpt(
+        "gpt3-small",
+        num_layers=6,
+        d_model=32,
+        num_heads=4,
+        d_ff=64,
+        context_length=16,
+        vocab_size=64,
+        window=8,
+        remat="full",
+    )
     looped = bench.cost(bench.compile_train_step(cfg, "fsdp", 8).compiled)
     unrolled = bench.cost(bench.compile_train_step(dataclasses.replace(cfg, scan_unroll=3), "fsdp", 8).compiled)
     whole = bench.step_cost(cfg, "fsdp", 8)
@@ -212,10 +238,14 @@ def test_step_cost_counts_every_layer_that_the_layer_loop_hides():
 
 
 def test_step_cost_counts_every_micro_batch_that_gradient_accumulation_hides():
-    cfg = configs.gpt("gpt3-small", num_layers=2, d_model=32, num_heads=4, d_ff=64, context_length=16,
-                      vocab_size=64, window=8)  # one (dense, banded) scan step: the micro-batches are the loop
-    whole = bench.cost(bench.compile_train_step(dataclasses.replace(cfg, scan_unroll=1), "fsdp", 32,
-                                                accumulation_steps=4, unroll_accumulation=True).compiled)
+    cfg = configs.gpt(
+        "gpt3-small", num_layers=2, d_model=32, num_heads=4, d_ff=64, context_length=16, vocab_size=64, window=8
+    )  # one (dense, banded) scan step: the micro-batches are the loop
+    whole = bench.cost(
+        bench.compile_train_step(
+            dataclasses.replace(cfg, scan_unroll=1), "fsdp", 32, accumulation_steps=4, unroll_accumulation=True
+        ).compiled
+    )
     estimate = bench.step_cost(cfg, "fsdp", 32, accumulation_steps=4)
     # Within a few FLOPs per parameter and micro-batch: with one micro-batch XLA folds the gradient's
     # addition to the zero total away. Here that is 0.7% of a tiny step (128 tokens per micro-batch).
@@ -228,17 +258,26 @@ def test_the_roofline_counts_the_attention_flops_xla_cannot_see_in_the_splash_ke
     xla = {"flops": 1e12, "bytes_accessed": 5e9}
     # 12 · layers · d_model · keys per token, keys averaged over the (dense, banded) pair.
     attention = 2 * 512 * 12 * 2 * 768 * (512 + 128) / 2
-    assert bench.with_kernel_flops(xla, cfg, 2, True) == {"flops": 1e12 + attention, "bytes_accessed": 5e9,
-                                                          "kernel_flops": attention}
+    assert bench.with_kernel_flops(xla, cfg, 2, True) == {
+        "flops": 1e12 + attention,
+        "bytes_accessed": 5e9,
+        "kernel_flops": attention,
+    }
     assert bench.with_kernel_flops(xla, cfg, 2, False) == xla | {"kernel_flops": 0.0}
 
 
 def test_every_chip_has_positive_figures():
     assert {"tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "h100", "h200"} <= set(bench.CHIPS)
-    assert all(min(chip.peak_flops, chip.hbm_bytes, chip.hbm_bandwidth, chip.ici_bandwidth) > 0
-               for chip in bench.CHIPS.values())
+    assert all(
+        min(chip.peak_flops, chip.hbm_bytes, chip.hbm_bandwidth, chip.ici_bandwidth) > 0
+        for chip in bench.CHIPS.values()
+    )
     assert {name: chip.torus_dims for name, chip in bench.CHIPS.items() if name.startswith("tpu")} == {
-        "tpu-v4": 3, "tpu-v5e": 2, "tpu-v5p": 3, "tpu-v6e": 2}
+        "tpu-v4": 3,
+        "tpu-v5e": 2,
+        "tpu-v5p": 3,
+        "tpu-v6e": 2,
+    }
 
 
 def _script():
@@ -271,23 +310,34 @@ def test_peak_memory_counts_outputs_beyond_donated_buffers():
     assert bench.peak_memory(dict(mem, temp_bytes=None)) is None
 
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="AOT compilation for TPU topologies needs libtpu: pip install 'zoo[tpu]'")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="AOT compilation for TPU topologies needs libtpu: pip install 'zoo[tpu]'",
+)
 
 
 def run(*args: str) -> str:
-    env = {"JAX_PLATFORMS": "cpu", "PATH": "", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # AOT compiles touch no TPU: tolerate another libtpu user
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_sharding.py"), *args],
-                            capture_output=True, text=True, timeout=300, env=env)
+    env = {
+        "JAX_PLATFORMS": "cpu",
+        "PATH": "",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    }  # AOT compiles touch no TPU: tolerate another libtpu user
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "bench_sharding.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 def test_tiny_run_reports_every_layout(tmp_path):
     layouts = ("dp", "fsdp")
-    out = run(*TINY, "--batch", "8", "--repeats", "1", "--layouts", *layouts, "--json", str(tmp_path / "b.json"),
-              "--plot", str(tmp_path / "b.png"), "--chip", "tpu-v5e")
+    files = ["--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]
+    out = run(*TINY, *"--batch 8 --repeats 1 --layouts".split(), *layouts, *files, "--chip", "tpu-v5e")
     rows = {row["layout"]: row for row in json.loads((tmp_path / "b.json").read_text())["rows"]}
     assert set(rows) == set(layouts) and all(name in out for name in layouts) and "tpu-v5e roofline" in out
     assert rows["dp"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
@@ -306,8 +356,7 @@ def test_tiny_run_reports_every_layout(tmp_path):
 
 @needs_libtpu
 def test_aot_run_on_a_v5e_topology(tmp_path):
-    out = run(*TINY, "--batch", "8", "--layouts", "dp", "fsdp", "--topology", "v5e:2x2",
-              "--json", str(tmp_path / "a.json"))
+    out = run(*TINY, *"--batch 8 --layouts dp fsdp --topology v5e:2x2".split(), "--json", str(tmp_path / "a.json"))
     rows = {row["layout"]: row for row in json.loads((tmp_path / "a.json").read_text())["rows"]}
     assert set(rows) == {"dp", "fsdp"} and "tpu-v5e MFU" in out and "fits 16 GiB" in out
     assert rows["dp"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
@@ -325,8 +374,8 @@ def test_aot_run_on_a_v5e_topology(tmp_path):
 @needs_libtpu
 def test_a_layout_too_big_for_the_chips_memory_is_explained():
     # 1.07G parameters with AdamW: 17 GB replicated (dp) overflow a v5e's 16 GiB; 4.3 GB in fsdp's shards do not.
-    big = ["--set", "vocab_size=262144", "--set", "d_model=4096", "--set", "num_heads=32", "--set", "d_ff=64"]
-    out = run(*TINY, *big, "--batch", "4", "--layouts", "dp", "fsdp", "--topology", "v5e:2x2")
+    big = "--set vocab_size=262144 --set d_model=4096 --set num_heads=32 --set d_ff=64".split()
+    out = run(*TINY, *big, *"--batch 4 --layouts dp fsdp --topology v5e:2x2".split())
     assert "skipped dp: does not fit: RESOURCE_EXHAUSTED" in out and re.search(r"fsdp \|\s+1, 4, 1 \|", out)
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--set", "num_layers=2", "--set", "d_model=64", "--set", "num_heads=4", "--set", "context_length=16",
-        "--batch", "2", "--warmup", "1", "--steps", "1"]
+TINY = [
+    *"--set num_layers=2 --set d_model=64 --set num_heads=4 --set context_length=16".split(),
+    *"--batch 2 --warmup 1 --steps 1".split(),
+]
 
 
 def _script():

@@ -119,8 +119,10 @@ def test_a_corrupt_latest_step_falls_back_to_the_previous_one_with_a_warning(tmp
         for step in (1, 2):
             checkpointer.save(step, train_state(step), {"step": step}, CONFIG)
     corrupt(tmp_path / "2", damage)
-    with (Checkpointer(tmp_path, save_every=1) as checkpointer,
-          pytest.warns(UserWarning, match="checkpoint step 2 .* cannot be restored")):
+    with (
+        Checkpointer(tmp_path, save_every=1) as checkpointer,
+        pytest.warns(UserWarning, match="checkpoint step 2 .* cannot be restored"),
+    ):
         restored, data_state, _, step = checkpointer.restore(abstract(train_state()))
     assert (step, data_state) == (1, {"step": 1})
     assert_bit_equal(restored, train_state(1))
@@ -134,8 +136,11 @@ def test_an_interrupted_save_is_ignored_and_an_all_corrupt_directory_raises(tmp_
     with Checkpointer(tmp_path, save_every=1) as checkpointer:
         assert checkpointer.restore(abstract(train_state()))[3] == 1
     corrupt(tmp_path / "1", "array files deleted")
-    with (Checkpointer(tmp_path, save_every=1) as checkpointer, pytest.warns(UserWarning, match="step 1"),
-          pytest.raises(RuntimeError, match="none of the checkpoint")):
+    with (
+        Checkpointer(tmp_path, save_every=1) as checkpointer,
+        pytest.warns(UserWarning, match="step 1"),
+        pytest.raises(RuntimeError, match="none of the checkpoint"),
+    ):
         checkpointer.restore(abstract(train_state()))
 
 

@@ -122,11 +122,25 @@ def test_overrides_of_the_wrong_type_name_field_value_and_type(assignment, messa
 
 
 def test_overrides_accept_what_the_field_types_allow():
-    cfg = configs.override(configs.gpt("gpt2-small"), [
-        "dropout=0", "num_layers=6", "dtype=bfloat16", "final_norm=False", "attention_impl=None",
-        "attention_pattern=['dense', 'banded']", "window=8"])
-    assert (cfg.dropout, cfg.num_layers, cfg.dtype, cfg.final_norm, cfg.attention_impl) == (0.0, 6, "bfloat16", False,
-                                                                                            None)
+    cfg = configs.override(
+        configs.gpt("gpt2-small"),
+        [
+            "dropout=0",
+            "num_layers=6",
+            "dtype=bfloat16",
+            "final_norm=False",
+            "attention_impl=None",
+            "attention_pattern=['dense', 'banded']",
+            "window=8",
+        ],
+    )
+    assert (cfg.dropout, cfg.num_layers, cfg.dtype, cfg.final_norm, cfg.attention_impl) == (
+        0.0,
+        6,
+        "bfloat16",
+        False,
+        None,
+    )
     assert isinstance(cfg.dropout, float) and cfg.attention_pattern == ("dense", "banded")
     assert configs.override(configs.vit("vit-b/16"), ["image_size=32"]).image_size == (32, 32)  # a square
     assert configs.override(configs.vit("vit-b/16"), ["image_size=(32, 48)"]).image_size == (32, 48)

@@ -14,9 +14,12 @@ from tensorflow_datasets.core.data_sources.array_record import ArrayRecordDataSo
 from zoo.data import images, shakespeare, text
 from zoo.tokenizer import train_tokenizer
 
-FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
-needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST.is_dir(),
-                                         reason=f"real Fashion-MNIST not at {FASHION_MNIST}")
+# The real data, where a machine has it: $ZOO_DATA_DIR/fashion-mnist (with Debian's dataset-fashion-mnist,
+# ZOO_DATA_DIR=/usr/share/datasets); the loaders themselves are tested on IDX files the tests write.
+FASHION_MNIST = images.local_dataset("fashion-mnist")
+needs_fashion_mnist = pytest.mark.skipif(
+    FASHION_MNIST is None, reason=f"real Fashion-MNIST not in ${images.DATA_ENV}/fashion-mnist"
+)
 
 
 @pytest.fixture
@@ -45,11 +48,17 @@ def write_text_dir(folder: pathlib.Path, splits: dict[str, dict[str, str]]) -> p
 @pytest.fixture
 def text_dir(tmp_path) -> pathlib.Path:
     plays = shakespeare.works()
-    return write_text_dir(tmp_path / "plays", {"train": {name: plays[name][:8000] for name in ("hamlet", "lear")},
-                                                "validation": {"macbeth": plays["macbeth"][:2000]}})
+    return write_text_dir(
+        tmp_path / "plays",
+        {
+            "train": {name: plays[name][:8000] for name in ("hamlet", "lear")},
+            "validation": {"macbeth": plays["macbeth"][:2000]},
+        },
+    )
 
 
 # --- shuffling and batches -------------------------------------------------------------------
+
 
 def test_the_shuffle_is_pinned():
     # Exact resume across library upgrades: these numbers must never change.
@@ -125,12 +134,13 @@ def test_unshuffled_batches_are_in_order():
 
 # --- packing and text datasets ---------------------------------------------------------------
 
+
 def test_packing_keeps_every_token_in_order_with_eos_after_each_document(tokenizer):
     docs = ["First document.\n", "Second, longer document: 日本 ▁ 🎭.\n" * 5, "x"]
     stream = [token for doc in docs for token in [*tokenizer.encode(doc), tokenizer.eos_id]]
     rows = text.packed_rows(tokenizer, docs, length=7)
     assert rows.dtype == np.int32 and rows.shape == (len(stream) // 8, 8)
-    assert rows.ravel().tolist() == stream[:rows.size]
+    assert rows.ravel().tolist() == stream[: rows.size]
     assert len(stream) - rows.size < 8
 
 
@@ -191,8 +201,11 @@ def test_a_given_tokenizer_is_used_for_every_corpus(tmp_path, tokenizer, text_di
 
 def test_a_missing_or_invalid_tokenizer_is_named_before_anything_is_built(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model", encoding="utf-8")
-    for path, error in ((tmp_path, IsADirectoryError), (tmp_path / "missing.model", FileNotFoundError),
-                        (tmp_path / "notes.txt", ValueError)):
+    for path, error in (
+        (tmp_path, IsADirectoryError),
+        (tmp_path / "missing.model", FileNotFoundError),
+        (tmp_path / "notes.txt", ValueError),
+    ):
         with pytest.raises(error, match=re.escape(str(path))):
             text.prepare_corpus(tmp_path / "data", 16, 300, tokenizer_path=path)
     assert not (tmp_path / "data").exists()
@@ -240,6 +253,7 @@ def test_tfds_text_datasets_by_name(mock_tfds):
 
 # --- images ----------------------------------------------------------------------------------
 
+
 def write_idx(path: pathlib.Path, array: np.ndarray, compress: bool = True) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     data = header + array.astype(np.uint8).tobytes()
@@ -278,8 +292,9 @@ def test_bad_idx_files_are_errors(tmp_path):
 def test_fashion_mnist_builder_keeps_the_idx_order(idx_folder, tmp_path):
     builder = images.build_fashion_mnist(idx_folder, tmp_path / "data")
     examples = images.load_examples(builder.as_data_source("train"))
-    expected_images, expected_labels = images.read_idx_pair(idx_folder / "train-images-idx3-ubyte.gz",
-                                                            idx_folder / "train-labels-idx1-ubyte.gz")
+    expected_images, expected_labels = images.read_idx_pair(
+        idx_folder / "train-images-idx3-ubyte.gz", idx_folder / "train-labels-idx1-ubyte.gz"
+    )
     assert examples.shape == (12, 28, 28, 1) and examples.images.dtype == np.uint8
     np.testing.assert_array_equal(examples.images, expected_images)
     np.testing.assert_array_equal(examples.labels, expected_labels)
@@ -295,8 +310,9 @@ def test_fashion_mnist_builder_names_missing_files(tmp_path):
 @needs_fashion_mnist
 def test_real_fashion_mnist_idx_files():
     folder = FASHION_MNIST
-    train_images, train_labels = images.read_idx_pair(folder / "train-images-idx3-ubyte.gz",
-                                                      folder / "train-labels-idx1-ubyte.gz")
+    train_images, train_labels = images.read_idx_pair(
+        folder / "train-images-idx3-ubyte.gz", folder / "train-labels-idx1-ubyte.gz"
+    )
     assert train_images.shape == (60000, 28, 28, 1)
     assert np.bincount(train_labels).tolist() == [6000] * 10
     np.testing.assert_allclose(train_images.mean() / 255, images.FASHION_MNIST_MEAN[0], atol=1e-4)
@@ -312,7 +328,7 @@ def test_crop_and_flip_is_a_shifted_mirrored_window():
     padded = np.pad(batch, ((0, 0), (2, 2), (2, 2), (0, 0)))
     flips = 0
     for image, window_source in zip(out, padded):
-        windows = [(window_source[y:y + 6, x:x + 5], f) for y in range(5) for x in range(5) for f in (0, 1)]
+        windows = [(window_source[y : y + 6, x : x + 5], f) for y in range(5) for x in range(5) for f in (0, 1)]
         matches = [f for window, f in windows if np.array_equal(image, window[:, ::-1] if f else window)]
         assert matches
         flips += matches[0]
@@ -321,8 +337,16 @@ def test_crop_and_flip_is_a_shifted_mirrored_window():
 
 
 def pipeline(examples, **kwargs):
-    return images.ImagePipeline(examples, global_batch=8, seed=kwargs.pop("seed", 0), image_size=(6, 5), channels=2,
-                                mean=(0.5, 0.4), std=(0.25, 0.2), **kwargs)
+    return images.ImagePipeline(
+        examples,
+        global_batch=8,
+        seed=kwargs.pop("seed", 0),
+        image_size=(6, 5),
+        channels=2,
+        mean=(0.5, 0.4),
+        std=(0.25, 0.2),
+        **kwargs,
+    )
 
 
 def test_image_batches_are_deterministic_resumable_and_split_over_processes():
@@ -361,16 +385,20 @@ def test_images_decoded_in_parallel_equal_the_serial_decoding():
 
 def test_images_read_from_a_source_and_resized_in_parallel_equal_the_serial_reading(mock_tfds):
     imagenet = images.tfds_examples("imagenet2012", "train", image_size=16)  # mock images vary in size
-    serial, parallel = (images.ImagePipeline(imagenet, 6, 0, 16, 3, mean=(0.5,) * 3, std=(0.25,) * 3, workers=w)
-                        for w in (1, 4))
+    serial, parallel = (
+        images.ImagePipeline(imagenet, 6, 0, 16, 3, mean=(0.5,) * 3, std=(0.25,) * 3, workers=w) for w in (1, 4)
+    )
     for key in ("image", "label"):
         np.testing.assert_array_equal(parallel.batch_at(1)[key], serial.batch_at(1)[key])
 
 
-@pytest.mark.parametrize("image_size, channels, match", [
-    (32, 1, r"\(28, 28, 1\) but the model expects \(32, 32, 1\).*image_size"),
-    (28, 3, r"\(28, 28, 1\) but the model expects \(28, 28, 3\).*num_channels=1"),
-])
+@pytest.mark.parametrize(
+    "image_size, channels, match",
+    [
+        (32, 1, r"\(28, 28, 1\) but the model expects \(32, 32, 1\).*image_size"),
+        (28, 3, r"\(28, 28, 1\) but the model expects \(28, 28, 3\).*num_channels=1"),
+    ],
+)
 def test_images_that_do_not_fit_the_model_are_named(image_size, channels, match):
     examples = images.synthetic_examples(4, 28, 1, num_classes=10)
     with pytest.raises(ValueError, match=match):

@@ -12,10 +12,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def run(script: str, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / script), *args],
-        capture_output=True, text=True, timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": ""},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def dirs(tmp_path: pathlib.Path) -> list[str]:
+    """--workdir and --data-dir in the test's temporary folder."""
+    return ["--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")]
 
 
 TRAINING = ("--workdir", "--mesh", "--steps", "--batch", "--set", "--seed", "--lr", "--warmup")
@@ -60,7 +68,10 @@ def test_every_experiment_is_listed_here():
 def test_every_help_exits_0_names_the_flags_users_need_and_needs_no_extra():
     result = subprocess.run(
         [sys.executable, "-c", HELP_WITHOUT_EXTRAS, str(ROOT / "experiments"), *FLAGS_USERS_NEED],
-        capture_output=True, text=True, timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": ""},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     helps = json.loads(result.stdout.splitlines()[-1])
@@ -73,9 +84,10 @@ def test_every_help_exits_0_names_the_flags_users_need_and_needs_no_extra():
 
 def test_default_experiment_trains_evaluates_and_samples(tmp_path):
     out = run(
-        "default.py", "--steps", "3", "--batch", "2", "--eval-batches", "1", "--samples", "1",
-        "--sample-tokens", "8", "--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"),
-        "--set", "num_layers=2", "--set", "window=8",
+        "default.py",
+        *"--steps 3 --batch 2 --eval-batches 1 --samples 1 --sample-tokens 8".split(),
+        *dirs(tmp_path),
+        *"--set num_layers=2 --set window=8".split(),
     )
     assert "validation loss" in out and "--- sample 1 ---\nROMEO." in out
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -86,10 +98,11 @@ def test_default_experiment_trains_evaluates_and_samples(tmp_path):
 
 def test_gpt3_experiment_runs_any_preset_scaled_down(tmp_path):
     out = run(
-        "gpt3.py", "--preset", "gpt3-medium", "--steps", "2", "--batch", "2", "--eval-batches", "1",
-        "--samples", "0", "--vocab-size", "512", "--workdir", str(tmp_path / "run"),
-        "--data-dir", str(tmp_path / "data"), "--set", "num_layers=2", "--set", "d_model=32",
-        "--set", "num_heads=2", "--set", "d_ff=64", "--set", "context_length=32", "--set", "window=8",
+        "gpt3.py",
+        *"--preset gpt3-medium --steps 2 --batch 2 --eval-batches 1 --samples 0 --vocab-size 512".split(),
+        *dirs(tmp_path),
+        *"--set num_layers=2 --set d_model=32 --set num_heads=2".split(),
+        *"--set d_ff=64 --set context_length=32 --set window=8".split(),
     )
     assert "validation loss" in out
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -98,8 +111,9 @@ def test_gpt3_experiment_runs_any_preset_scaled_down(tmp_path):
 
 
 def test_attention_benchmark_prints_a_table(tmp_path):
-    out = run("bench_attention.py", "--lengths", "64", "--windows", "8", "--repeats", "1",
-              "--json", str(tmp_path / "bench.json"))
+    out = run(
+        "bench_attention.py", *"--lengths 64 --windows 8 --repeats 1".split(), "--json", str(tmp_path / "bench.json")
+    )
     assert re.search(r"\|\s*64 \|\s*8 \|\s*banded \|", out), out
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {row["implementation"] for row in rows} == {"dense", "banded"}

@@ -11,8 +11,15 @@ import pytest
 import zoo
 
 TINY = zoo.GPTConfig(
-    vocab_size=61, context_length=24, num_layers=4, d_model=24, num_heads=3, d_ff=48,
-    attention_pattern=("dense", "banded"), window=4, dropout=0.0,
+    vocab_size=61,
+    context_length=24,
+    num_layers=4,
+    d_model=24,
+    num_heads=3,
+    d_ff=48,
+    attention_pattern=("dense", "banded"),
+    window=4,
+    dropout=0.0,
 )
 LOGICAL_NAMES = {"batch", "length", "embed", "heads", "head_dim", "mlp", "vocab", "layers", None}
 
@@ -98,8 +105,9 @@ def test_gpt3_alternates_dense_and_banded_layers(tiny, mixing, sees_far_past):
 
 
 def test_gpt1_is_post_ln_without_final_norm():
-    cfg = dataclasses.replace(zoo.configs.gpt("gpt1"), num_layers=2, d_model=24, num_heads=2, d_ff=32,
-                              vocab_size=50, context_length=16)
+    cfg = dataclasses.replace(
+        zoo.configs.gpt("gpt1"), num_layers=2, d_model=24, num_heads=2, d_ff=32, vocab_size=50, context_length=16
+    )
     params, tokens = init(cfg)
     assert "final_norm" not in params
     # Post-LN: every block output is layer-normalised, so the hidden states have unit variance.

@@ -27,19 +27,30 @@ REPO = Path(__file__).resolve().parents[1]
 # name: (HF class, HF config class, config kwargs, sequence length); lengths are odd, two fill the context.
 GPT_CASES = {
     "gpt2-4heads": (
-        "GPT2LMHeadModel", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=24), 13,
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        dict(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=24),
+        13,
     ),
     "gpt2-5heads-inner-gelu": (
         "GPT2LMHeadModel",
         "GPT2Config",
         dict(
-            n_embd=30, n_layer=3, n_head=5, n_inner=52, vocab_size=97, n_positions=19,
-            activation_function="gelu", layer_norm_epsilon=1e-6,
+            n_embd=30,
+            n_layer=3,
+            n_head=5,
+            n_inner=52,
+            vocab_size=97,
+            n_positions=19,
+            activation_function="gelu",
+            layer_norm_epsilon=1e-6,
         ),
         19,
     ),
     "gpt1-4heads": (
-        "OpenAIGPTLMHeadModel", "OpenAIGPTConfig", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=24),
+        "OpenAIGPTLMHeadModel",
+        "OpenAIGPTConfig",
+        dict(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=24),
         11,
     ),
     "gpt1-3heads": (
@@ -51,12 +62,24 @@ GPT_CASES = {
 }
 VIT_CASES = {
     "vit-32x48-p8": dict(
-        image_size=(32, 48), patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=7,
+        image_size=(32, 48),
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=7,
     ),
     "vit-28-p14-3heads": dict(
-        image_size=28, patch_size=14, num_channels=1, hidden_size=24, num_hidden_layers=3, num_attention_heads=3,
-        intermediate_size=40, num_labels=4, layer_norm_eps=1e-6,
+        image_size=28,
+        patch_size=14,
+        num_channels=1,
+        hidden_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        intermediate_size=40,
+        num_labels=4,
+        layer_norm_eps=1e-6,
     ),
 }
 
@@ -132,7 +155,11 @@ def test_gpt_config_fields(gpt_case):
     hf = hf_model.config
     cfg, _ = interop.from_transformers(hf_model)
     assert (cfg.vocab_size, cfg.context_length, cfg.num_layers, cfg.d_model, cfg.num_heads) == (
-        hf.vocab_size, hf.n_positions, hf.n_layer, hf.n_embd, hf.n_head,
+        hf.vocab_size,
+        hf.n_positions,
+        hf.n_layer,
+        hf.n_embd,
+        hf.n_head,
     )
     assert cfg.d_ff == (getattr(hf, "n_inner", None) or 4 * hf.n_embd)
     assert cfg.layer_norm_eps == hf.layer_norm_epsilon
@@ -167,10 +194,18 @@ def test_vit_config_fields(vit_model):
     cfg, _ = interop.from_transformers(vit_model)
     square = (hf.image_size, hf.image_size) if isinstance(hf.image_size, int) else tuple(hf.image_size)
     assert (cfg.image_size, cfg.patch_size, cfg.num_channels, cfg.num_classes) == (
-        square, hf.patch_size, hf.num_channels, hf.num_labels,
+        square,
+        hf.patch_size,
+        hf.num_channels,
+        hf.num_labels,
     )
     assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.layer_norm_eps, cfg.pooling) == (
-        hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.intermediate_size, hf.layer_norm_eps, "token",
+        hf.num_hidden_layers,
+        hf.hidden_size,
+        hf.num_attention_heads,
+        hf.intermediate_size,
+        hf.layer_norm_eps,
+        "token",
     )
 
 
@@ -236,7 +271,11 @@ def test_directory_route_needs_no_torch(saved, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-c", script, directories, str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     configs = json.loads(result.stdout.strip().splitlines()[-1])

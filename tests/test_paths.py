@@ -15,8 +15,12 @@ from zoo.paths import absolute, write_atomically
 from zoo.train.metrics import MetricsWriter
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-GS_FLAGS = {"--workdir": "gs://bucket/run", "--data-dir": "gs://bucket/data", "--text-dir": "gs://bucket/text",
-            "--tokenizer": "gs://bucket/data/tokenizers/bpe.model"}
+GS_FLAGS = {
+    "--workdir": "gs://bucket/run",
+    "--data-dir": "gs://bucket/data",
+    "--text-dir": "gs://bucket/text",
+    "--tokenizer": "gs://bucket/data/tokenizers/bpe.model",
+}
 
 
 def parse(*argv: str):
@@ -33,8 +37,9 @@ def test_the_language_model_flags_keep_gs_urls():
     assert json.loads(json.dumps(vars(args), default=str))["workdir"] == "gs://bucket/run"  # as config.json has it
 
 
-@pytest.mark.parametrize(("script", "data"), [("vit_fashion_mnist.py", ["--synthetic", "8"]),
-                                              ("vit_b16_imagenet.py", [])])
+@pytest.mark.parametrize(
+    ("script", "data"), [("vit_fashion_mnist.py", ["--synthetic", "8"]), ("vit_b16_imagenet.py", [])]
+)
 def test_the_vit_experiments_keep_gs_urls(script, data, monkeypatch):
     experiment_module = runpy.run_path(str(ROOT / "experiments" / script))
     argv = [script, "--workdir", "gs://bucket/run", "--data-dir", "gs://bucket/tfds", *data]

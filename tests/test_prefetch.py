@@ -95,17 +95,21 @@ def test_batches_sharded_on_the_thread_arrive_on_the_devices():
     with Prefetcher(batch_at, 2, 4, depth=2) as batches:
         got = list(batches)
     assert [float(batch["x"][0, 0]) for batch in got] == [2.0, 3.0]
-    assert all(isinstance(batch["x"], jax.Array) and len(batch["x"].sharding.device_set) == jax.device_count()
-               for batch in got)
+    assert all(
+        isinstance(batch["x"], jax.Array) and len(batch["x"].sharding.device_set) == jax.device_count() for batch in got
+    )
 
 
 def test_the_input_benchmark_runs_at_a_tiny_size(tmp_path):
     out = tmp_path / "input.json"
-    tiny = ["--steps", "4", "--log-every", "2", "--repeats", "1", "--synthetic", "64",
-            "--set", "num_layers=2", "--set", "d_model=32", "--set", "d_ff=64", "--vocab-size", "512",
-            "--data-dir", str(tmp_path / "data"), "--json", str(out)]
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_input.py"), *tiny],
-                            capture_output=True, text=True, timeout=600)
+    flags = "--steps 4 --log-every 2 --repeats 1 --synthetic 64 --set num_layers=2 --set d_model=32 --set d_ff=64"
+    tiny = [*flags.split(), "--vocab-size", "512", "--data-dir", str(tmp_path / "data"), "--json", str(out)]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "bench_input.py"), *tiny],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [row["experiment"] for row in rows] == ["default", "vit_fashion_mnist"]

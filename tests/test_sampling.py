@@ -11,8 +11,17 @@ import pytest
 import zoo
 from zoo.sampling import sample
 
-CFG = zoo.GPTConfig(vocab_size=17, context_length=8, num_layers=2, d_model=16, num_heads=2, d_ff=32,
-                    attention_pattern=("dense", "banded"), window=3, dropout=0.0)
+CFG = zoo.GPTConfig(
+    vocab_size=17,
+    context_length=8,
+    num_layers=2,
+    d_model=16,
+    num_heads=2,
+    d_ff=32,
+    attention_pattern=("dense", "banded"),
+    window=3,
+    dropout=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +34,7 @@ def greedy_reference(model, params, prompt, num_tokens):
     """Token by token in Python: the argmax after the latest context_length tokens."""
     tokens, apply = list(np.asarray(prompt[0])), jax.jit(model.apply)
     for _ in range(num_tokens):
-        context = jnp.asarray([tokens[-CFG.context_length:]], jnp.int32)
+        context = jnp.asarray([tokens[-CFG.context_length :]], jnp.int32)
         tokens.append(int(jnp.argmax(apply({"params": params}, context)[0, -1])))
     return tokens
 
@@ -95,6 +104,7 @@ def test_bad_arguments_get_clear_errors(model_and_params):
 
 
 # --- arguments outside the vocabulary get clear errors ------------------------------------------
+
 
 @pytest.mark.parametrize("top_k", [0, -1, CFG.vocab_size + 1])
 def test_top_k_outside_the_vocabulary_is_named(model_and_params, top_k):

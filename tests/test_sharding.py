@@ -80,8 +80,13 @@ def test_every_layout_trains_like_one_device(layout, reference):
     opt_state, opt_shardings = sharding.init_optimizer_sharded(optimizer(), params, param_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, P())
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated, "rng": replicated}
-    step = sharding.jit_sharded(step_fn(), mesh, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                                out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    step = sharding.jit_sharded(
+        step_fn(),
+        mesh,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
     state = {**train_state(params, optimizer(), jax.random.key(0)), "opt_state": opt_state}
     tokens = sharding.shard_batch(TOKENS, mesh)
     losses = []

@@ -8,8 +8,10 @@ import pytest
 
 from zoo.tokenizer import EOS_ID, EOS_PIECE, PAD_ID, Tokenizer, cached_tokenizer, train_tokenizer
 
-CORPUS = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n\n" * 30
-          + "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles.\n" * 30)
+CORPUS = (
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n\n" * 30
+    + "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles.\n" * 30
+)
 VOCAB = 320  # 3 specials + 256 bytes + merges: as much as this small corpus supports
 
 
@@ -18,12 +20,20 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     return train_tokenizer([CORPUS], tmp_path_factory.mktemp("tok") / "bpe", VOCAB)
 
 
-@pytest.mark.parametrize("text", [
-    "", "To be, or not to be", "  leading and   inner spaces\t\ttabs\r\nCRLF\n\n\n",
-    "naïve café, Ελληνικά, русский, 日本語, 한국어, العربية", "emoji 🎭👑 and ZWJ 👩‍👩‍👧",
-    "\x00\x01 control \x7f", "▁ literal U+2581 ▁▁x▁", "<|endoftext|> is plain text here",
-    "\u2028\ufeff",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "To be, or not to be",
+        "  leading and   inner spaces\t\ttabs\r\nCRLF\n\n\n",
+        "naïve café, Ελληνικά, русский, 日本語, 한국어, العربية",
+        "emoji 🎭👑 and ZWJ 👩‍👩‍👧",
+        "\x00\x01 control \x7f",
+        "▁ literal U+2581 ▁▁x▁",
+        "<|endoftext|> is plain text here",
+        "\u2028\ufeff",
+    ],
+)
 def test_round_trips_any_utf8(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
@@ -102,7 +112,7 @@ def test_cached_tokenizers_are_keyed_by_their_texts_and_options(tmp_path):
     mtime = model_file.stat().st_mtime_ns
     again = cached_tokenizer([CORPUS], tmp_path, "demo", VOCAB)
     assert model_file.stat().st_mtime_ns == mtime and again.encode(CORPUS) == first.encode(CORPUS)
-    cached_tokenizer([CORPUS[:len(CORPUS) // 2]], tmp_path, "demo", VOCAB)  # fewer documents: other texts
+    cached_tokenizer([CORPUS[: len(CORPUS) // 2]], tmp_path, "demo", VOCAB)  # fewer documents: other texts
     cached_tokenizer([CORPUS], tmp_path, "demo", 300)
     cached_tokenizer([CORPUS], tmp_path, "demo", VOCAB, split_digits=False)
     assert len(list(tmp_path.glob("demo-*.model"))) == 4

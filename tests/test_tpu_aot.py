@@ -12,8 +12,10 @@ import pytest
 from zoo import bench, configs, sharding
 from zoo.nn import dot_product_attention as attn
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="AOT compilation for TPU topologies needs libtpu: pip install 'zoo[tpu]'")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="AOT compilation for TPU topologies needs libtpu: pip install 'zoo[tpu]'",
+)
 
 MOSAIC = bench.MOSAIC_KERNEL
 LENGTH = 256
@@ -32,9 +34,14 @@ def compiled_text(cfg: configs.GPTConfig, layout: str) -> str:
 def gathers_of_the_sequence(hlo: str, head_dim: int) -> list[str]:
     """All-gathers whose result holds a whole [.., length, .., head_dim] activation (q, k or v)."""
     gathers = [line for line in hlo.splitlines() if re.search(r"\ball-gather(-start)?\(", line)]
-    return [line for line in gathers
-            if any({LENGTH, head_dim} <= {int(d) for d in dims.split(",") if d}
-                   for dims in re.findall(r"\[([\d,]*)\]", line.split("=", 1)[1].split("all-gather")[0]))]
+    return [
+        line
+        for line in gathers
+        if any(
+            {LENGTH, head_dim} <= {int(d) for d in dims.split(",") if d}
+            for dims in re.findall(r"\[([\d,]*)\]", line.split("=", 1)[1].split("all-gather")[0])
+        )
+    ]
 
 
 @pytest.mark.parametrize("layout", ["dp", "fsdp", "fsdp_tp"])

@@ -24,8 +24,9 @@ from zoo.train.recipes import Recipe, decayed, recipe
 CFG = zoo.GPTConfig(vocab_size=13, context_length=8, num_layers=2, d_model=16, num_heads=2, d_ff=32, dropout=0.0)
 GPT3_STYLE = dataclasses.replace(CFG, attention_pattern=("dense", "banded"), window=4)
 GPT1_STYLE = zoo.configs.gpt("gpt1", vocab_size=13, context_length=8, num_layers=2, d_model=16, num_heads=2, d_ff=32)
-VIT = zoo.ViTConfig(image_size=8, patch_size=4, num_channels=1, num_classes=3, num_layers=2, d_model=16, num_heads=2,
-                    d_ff=32)
+VIT = zoo.ViTConfig(
+    image_size=8, patch_size=4, num_channels=1, num_classes=3, num_layers=2, d_model=16, num_heads=2, d_ff=32
+)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNELS = ("attn/qkv/kernel", "attn/out/kernel", "mlp/up/kernel", "mlp/down/kernel")
 
@@ -55,14 +56,24 @@ def gpt_shapes(cfg: zoo.GPTConfig) -> dict:
     return param_shapes(zoo.GPT(cfg), jnp.zeros((1, cfg.context_length), jnp.int32))
 
 
-@pytest.mark.parametrize("shapes, expected", [
-    (lambda: gpt_shapes(GPT3_STYLE),  # a scanned (dense, banded) pair: block_0 and block_1
-     {"token_embed/embedding", *(f"layers/block_{i}/{k}" for i in (0, 1) for k in KERNELS)}),
-    (lambda: gpt_shapes(GPT1_STYLE),  # post-LN, no final LN: the LN scales sit in the scanned block
-     {"token_embed/embedding", *(f"layers/block_0/{k}" for k in KERNELS)}),
-    (lambda: param_shapes(zoo.ViT(VIT), jnp.zeros((1, 8, 8, 1))),
-     {"patch_embed/kernel", "head/kernel", *(f"layers/block/{k}" for k in KERNELS)}),
-], ids=["gpt3-style", "gpt1-style", "vit"])
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        (
+            lambda: gpt_shapes(GPT3_STYLE),  # a scanned (dense, banded) pair: block_0 and block_1
+            {"token_embed/embedding", *(f"layers/block_{i}/{k}" for i in (0, 1) for k in KERNELS)},
+        ),
+        (
+            lambda: gpt_shapes(GPT1_STYLE),  # post-LN, no final LN: the LN scales sit in the scanned block
+            {"token_embed/embedding", *(f"layers/block_0/{k}" for k in KERNELS)},
+        ),
+        (
+            lambda: param_shapes(zoo.ViT(VIT), jnp.zeros((1, 8, 8, 1))),
+            {"patch_embed/kernel", "head/kernel", *(f"layers/block/{k}" for k in KERNELS)},
+        ),
+    ],
+    ids=["gpt3-style", "gpt1-style", "vit"],
+)
 def test_weight_decay_hits_kernels_and_token_embeddings_only(shapes, expected):
     """Not biases, LN scales and offsets, position embeddings or the class token, though scanning
     gives every one of them a layers axis (their rank says nothing)."""
@@ -91,11 +102,22 @@ def cosine(peak: float, warmup: int, horizon: int, final: float, step: int) -> f
 
 def test_gpt3_recipe_warms_up_over_375m_tokens_then_decays_to_a_tenth_at_260b_and_stays():
     r = recipe("gpt3-xl", batch=1000, steps=300_000, context_length=1000)  # 1M tokens a step
-    assert (r.warmup_steps, r.decay_steps, r.betas, r.weight_decay, r.clip_norm) == (375, 260_000, (0.9, 0.95),
-                                                                                     0.1, 1.0)
+    assert (r.warmup_steps, r.decay_steps, r.betas, r.weight_decay, r.clip_norm) == (
+        375,
+        260_000,
+        (0.9, 0.95),
+        0.1,
+        1.0,
+    )
     lr = r.schedule()
-    for step, expected in [(0, 0.0), (150, 2e-4 * 150 / 375), (375, 2e-4), (260_000, 2e-5), (280_000, 2e-5),
-                           (300_000, 2e-5)]:
+    for step, expected in [
+        (0, 0.0),
+        (150, 2e-4 * 150 / 375),
+        (375, 2e-4),
+        (260_000, 2e-5),
+        (280_000, 2e-5),
+        (300_000, 2e-5),
+    ]:
         np.testing.assert_allclose(lr(step), expected, rtol=1e-5, atol=1e-12, err_msg=f"step {step}")
     for step in (10_000, 130_187, 259_000):
         np.testing.assert_allclose(lr(step), cosine(2e-4, 375, 260_000, 0.1, step), rtol=1e-5, err_msg=f"step {step}")
@@ -116,8 +138,12 @@ def test_gpt1_recipe_is_adam_with_decoupled_decay_and_a_cosine_to_zero_at_the_en
 
 def test_gpt2_and_vit_recipes():
     gpt2 = recipe("gpt2-medium", batch=512, steps=100_000, context_length=1024)
-    assert (gpt2.learning_rate, gpt2.warmup_steps, gpt2.decay_steps, gpt2.final_lr_fraction) == (3e-4, 2000, 100_000,
-                                                                                                 0.1)
+    assert (gpt2.learning_rate, gpt2.warmup_steps, gpt2.decay_steps, gpt2.final_lr_fraction) == (
+        3e-4,
+        2000,
+        100_000,
+        0.1,
+    )
     vit = recipe("vit-imagenet", batch=1024, steps=50_000)
     assert (vit.learning_rate, vit.warmup_steps, vit.weight_decay, vit.betas) == (7.5e-4, 10_000, 0.3, (0.9, 0.999))
     with pytest.raises(ValueError, match="unknown recipe"):
@@ -127,9 +153,11 @@ def test_gpt2_and_vit_recipes():
 def test_recipe_flags_change_only_what_they_name(tmp_path):
     base = recipe("gpt2-small", batch=8, steps=5000)
     args = experiment.parser("", workdir=str(tmp_path), steps=5000, batch=8).parse_args(
-        ["--lr", "1e-3", "--weight-decay", "0.2", "--betas", "0.8", "0.9"])
+        ["--lr", "1e-3", "--weight-decay", "0.2", "--betas", "0.8", "0.9"]
+    )
     assert experiment.recipe_from_flags(args, base) == dataclasses.replace(
-        base, learning_rate=1e-3, weight_decay=0.2, betas=(0.8, 0.9))
+        base, learning_rate=1e-3, weight_decay=0.2, betas=(0.8, 0.9)
+    )
 
 
 def test_a_longer_resumed_run_keeps_the_saved_horizon_then_stays_flat(tmp_path):

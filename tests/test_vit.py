@@ -45,7 +45,7 @@ def test_non_square_images_and_pooling(pooling, positions):
 
 @pytest.mark.parametrize("pooling", ["token", "gap"])
 def test_the_head_reads_the_pooled_final_tokens(pooling):
-    """"token" classifies the [CLS] token's final output, "gap" the mean of the patch tokens' (no [CLS]):
+    """ "token" classifies the [CLS] token's final output, "gap" the mean of the patch tokens' (no [CLS]):
     logits equal the head applied by hand to the final LayerNorm's output, captured from the same call."""
     cfg = dataclasses.replace(TINY, pooling=pooling)
     params, images = init(cfg)

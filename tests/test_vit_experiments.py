@@ -10,16 +10,26 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = ["--set", "num_layers=1", "--set", "d_model=32", "--set", "num_heads=2", "--set", "d_ff=64"]
+TINY = "--set num_layers=1 --set d_model=32 --set num_heads=2 --set d_ff=64".split()
 
 
 def run(script: str, *args: str, check: bool = True, devices: int = 1) -> subprocess.CompletedProcess:
     env = {"JAX_PLATFORMS": "cpu", "PATH": "", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def dirs(tmp_path: pathlib.Path) -> list[str]:
+    """--workdir and --data-dir in the test's temporary folder."""
+    return ["--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")]
 
 
 def fashion_mnist():
@@ -49,10 +59,7 @@ def test_fashion_mnist_finds_its_data_by_the_environment_variable(tmp_path, monk
 
 
 def test_fashion_mnist_trains_and_reports_test_accuracy(tmp_path):
-    out = run(
-        "vit_fashion_mnist.py", "--synthetic", "256", "--steps", "3", "--batch", "16", *TINY,
-        "--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"),
-    ).stdout
+    out = run("vit_fashion_mnist.py", *"--synthetic 256 --steps 3 --batch 16".split(), *TINY, *dirs(tmp_path)).stdout
     assert "256 training and 256 test images" in out
     assert re.search(r"step 3: test accuracy \d+\.\d\d% on 256 images", out), out
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -63,16 +70,21 @@ def test_fashion_mnist_trains_and_reports_test_accuracy(tmp_path):
 
 
 def test_fashion_mnist_names_the_image_size_mismatch(tmp_path):
-    result = run("vit_fashion_mnist.py", "--synthetic", "32", "--steps", "1", "--set", "image_size=14",
-                 "--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), check=False)
+    result = run(
+        "vit_fashion_mnist.py", *"--synthetic 32 --steps 1 --set image_size=14".split(), *dirs(tmp_path), check=False
+    )
     assert result.returncode != 0
     assert "images are (height, width, channels) = (28, 28, 1) but the model expects (14, 14, 1)" in result.stderr
 
 
 def test_vit_b16_imagenet_recipe_runs_sharded_on_mock_data(tmp_path):
     out = run(
-        "vit_b16_imagenet.py", "--mock", "--steps", "2", "--batch", "8", *TINY, "--set", "image_size=32",
-        "--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), devices=2,
+        "vit_b16_imagenet.py",
+        *"--mock --steps 2 --batch 8".split(),
+        *TINY,
+        *"--set image_size=32".split(),
+        *dirs(tmp_path),
+        devices=2,
     ).stdout
     assert "16 training and 8 validation images" in out and "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in out
     assert re.search(r"step 2: validation accuracy \d+\.\d\d% on 8 images", out), out

@@ -36,9 +36,25 @@ MOSAIC_KERNEL = 'custom_call_target="tpu_custom_call"'  # a Pallas kernel (splas
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1,
-    "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "f8e4m3fnuz": 1,
+    "f8e5m2fnuz": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
 }
 
 # `%name = SHAPE opcode(`, SHAPE an array shape or a (nested) tuple of them.
@@ -59,8 +75,10 @@ _GROUPS_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<over
 
 def shape_bytes(shape: str) -> int:
     """Bytes of an HLO shape string: an array ("f32[8,128]{1,0}") or the sum over a tuple's arrays."""
-    return sum(DTYPE_BYTES.get(m["dtype"], 0) * math.prod(int(d) for d in m["dims"].split(",") if d)
-               for m in _ARRAY.finditer(shape))
+    return sum(
+        DTYPE_BYTES.get(m["dtype"], 0) * math.prod(int(d) for d in m["dims"].split(",") if d)
+        for m in _ARRAY.finditer(shape)
+    )
 
 
 def _collective(op: str) -> str | None:
@@ -166,8 +184,10 @@ def link_bytes(kind: str, result_bytes: int, group: int) -> float:
     if kind == "collective-permute":
         return result_bytes
     share = (group - 1) / group
-    return result_bytes * {"all-gather": share, "all-to-all": share, "all-reduce": 2 * share,
-                           "reduce-scatter": group - 1}[kind]
+    return (
+        result_bytes
+        * {"all-gather": share, "all-to-all": share, "all-reduce": 2 * share, "reduce-scatter": group - 1}[kind]
+    )
 
 
 def collectives(hlo_text: str, num_devices: int = 1, coords: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
@@ -180,8 +200,10 @@ def collectives(hlo_text: str, num_devices: int = 1, coords: np.ndarray | None =
     bodies, entry = _computations(hlo_text)
     times = _multipliers(bodies, entry)
     by_name = {m["name"]: line for lines in bodies.values() for line in lines if (m := _INSTRUCTION.match(line))}
-    found = {kind: {"count": 0, "bytes": 0, "link_bytes": 0.0, "link_bytes_by_dims": defaultdict(float)}
-             for kind in COLLECTIVES}
+    found = {
+        kind: {"count": 0, "bytes": 0, "link_bytes": 0.0, "link_bytes_by_dims": defaultdict(float)}
+        for kind in COLLECTIVES
+    }
     for name, lines in bodies.items():
         for line in lines:
             instruction = _INSTRUCTION.match(line)
@@ -205,8 +227,10 @@ def memory(compiled: jax.stages.Compiled) -> dict[str, int | None]:
     """Per-device bytes from XLA's memory analysis: arguments, outputs, aliased, temps, generated
     code (all None where the backend gives no analysis)."""
     analysis = compiled.memory_analysis()
-    return {f"{kind}_bytes": None if analysis is None else getattr(analysis, f"{kind}_size_in_bytes", None)
-            for kind in ("argument", "output", "alias", "temp", "generated_code")}
+    return {
+        f"{kind}_bytes": None if analysis is None else getattr(analysis, f"{kind}_size_in_bytes", None)
+        for kind in ("argument", "output", "alias", "temp", "generated_code")
+    }
 
 
 def cost(compiled: jax.stages.Compiled) -> dict[str, float | None]:
@@ -219,8 +243,10 @@ def batch_spec(cfg: GPTConfig | ViTConfig, batch: int) -> Any:
     """The shapes of one global batch: rows of context_length + 1 tokens, or labelled images."""
     if isinstance(cfg, GPTConfig):
         return jax.ShapeDtypeStruct((batch, cfg.context_length + 1), jnp.int32)
-    return {"image": jax.ShapeDtypeStruct((batch, *cfg.image_size, cfg.num_channels), jnp.float32),
-            "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    return {
+        "image": jax.ShapeDtypeStruct((batch, *cfg.image_size, cfg.num_channels), jnp.float32),
+        "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
+    }
 
 
 def workload(cfg: GPTConfig | ViTConfig, batch: int) -> Task:
@@ -241,10 +267,28 @@ def workload(cfg: GPTConfig | ViTConfig, batch: int) -> Task:
         return jax.tree.map(fill, local)
 
     if is_gpt:
-        return Task(GPT(cfg), next_token_loss, np.zeros((1, cfg.context_length), np.int32), random_batch, None, batch,
-                    gpt_flops_per_token(cfg) * cfg.context_length, cfg.context_length, "tokens")
-    return Task(ViT(cfg), classification_loss, np.zeros((1, *cfg.image_size, cfg.num_channels), np.float32),
-                random_batch, None, batch, vit_flops_per_image(cfg), 1, "images")
+        return Task(
+            GPT(cfg),
+            next_token_loss,
+            np.zeros((1, cfg.context_length), np.int32),
+            random_batch,
+            None,
+            batch,
+            gpt_flops_per_token(cfg) * cfg.context_length,
+            cfg.context_length,
+            "tokens",
+        )
+    return Task(
+        ViT(cfg),
+        classification_loss,
+        np.zeros((1, *cfg.image_size, cfg.num_channels), np.float32),
+        random_batch,
+        None,
+        batch,
+        vit_flops_per_image(cfg),
+        1,
+        "images",
+    )
 
 
 def default_optimizer() -> optax.GradientTransformation:
@@ -265,10 +309,15 @@ class CompiledStep:
     init_params: Callable[[jax.Array], Any]
 
 
-def compile_train_step(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
-                       optimizer: optax.GradientTransformation | None = None,
-                       devices: Sequence[Any] | None = None, accumulation_steps: int = 1,
-                       unroll_accumulation: bool = False) -> CompiledStep:
+def compile_train_step(
+    cfg: GPTConfig | ViTConfig,
+    layout: str,
+    batch: int,
+    optimizer: optax.GradientTransformation | None = None,
+    devices: Sequence[Any] | None = None,
+    accumulation_steps: int = 1,
+    unroll_accumulation: bool = False,
+) -> CompiledStep:
     """Lower and compile one train step of `cfg` on the mesh of `layout` (a LAYOUTS name or a spec)
     over `devices` (default: all; abstract TPU chips compile ahead of time) from abstract inputs
     only: nothing is allocated. The batch's gradient may accumulate over `accumulation_steps`
@@ -278,21 +327,28 @@ def compile_train_step(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
     optimizer = optimizer or default_optimizer()
     abstract, shardings, init_params = state_shardings(task, optimizer, mesh, jax.random.key(0))
     batch_sharding = sharding.batch_sharding(mesh)
-    abstract_batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding),
-                                  batch_spec(cfg, batch))
+    abstract_batch = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding), batch_spec(cfg, batch)
+    )
     replicated = NamedSharding(mesh, PartitionSpec())
     step_fn = train_step_fn(task.model, optimizer, task.loss_fn, accumulation_steps, unroll_accumulation)
-    step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
-                   donate_argnums=0)
+    step = jax.jit(
+        step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0
+    )
     start = time.perf_counter()
     with sharding.sharding_context(mesh):
         compiled = step.lower(abstract, abstract_batch).compile()
     return CompiledStep(compiled, time.perf_counter() - start, mesh, task, optimizer, shardings, init_params)
 
 
-def step_cost(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
-              optimizer: optax.GradientTransformation | None = None,
-              devices: Sequence[Any] | None = None, accumulation_steps: int = 1) -> dict[str, float | None]:
+def step_cost(
+    cfg: GPTConfig | ViTConfig,
+    layout: str,
+    batch: int,
+    optimizer: optax.GradientTransformation | None = None,
+    devices: Sequence[Any] | None = None,
+    accumulation_steps: int = 1,
+) -> dict[str, float | None]:
     """XLA's per-device FLOPs and bytes accessed for a whole train step. XLA's cost analysis counts a
     loop's body once, which would hide all layers but one behind the layer scan (and all micro-batches
     but one behind gradient accumulation); so shallow models are compiled without loops and their
@@ -305,8 +361,11 @@ def step_cost(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
 
     def cost_at(depth: int, micro_batches: int) -> dict[str, float | None]:
         shallow = dataclasses.replace(cfg, num_layers=depth * period, scan_unroll=depth)
-        return cost(compile_train_step(shallow, layout, micro * micro_batches, optimizer, devices, micro_batches,
-                                       unroll_accumulation=True).compiled)
+        return cost(
+            compile_train_step(
+                shallow, layout, micro * micro_batches, optimizer, devices, micro_batches, unroll_accumulation=True
+            ).compiled
+        )
 
     one = cost_at(1, 1)  # one scan step, one micro-batch, the update
     if None in one.values():
@@ -316,8 +375,10 @@ def step_cost(cfg: GPTConfig | ViTConfig, layout: str, batch: int,
     if accumulation_steps == 1:
         return whole_batch
     micro_batch = _difference(cost_at(1, 2), one)  # a micro-batch through one scan step
-    return {key: whole_batch[key] + (accumulation_steps - 1) * (micro_batch[key] + (steps - 1) * scan_step[key])
-            for key in one}
+    return {
+        key: whole_batch[key] + (accumulation_steps - 1) * (micro_batch[key] + (steps - 1) * scan_step[key])
+        for key in one
+    }
 
 
 def _difference(more: dict[str, float], less: dict[str, float]) -> dict[str, float]:
@@ -340,8 +401,14 @@ def time_step(step: CompiledStep, repeats: int, seed: int = 0) -> float:
     return statistics.median(times)
 
 
-def measure_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, repeats: int = 3,
-                   with_cost: bool = False, accumulation_steps: int = 1) -> dict[str, Any]:
+def measure_layout(
+    cfg: GPTConfig | ViTConfig,
+    layout: str,
+    batch: int,
+    repeats: int = 3,
+    with_cost: bool = False,
+    accumulation_steps: int = 1,
+) -> dict[str, Any]:
     """Compile and time a train step of `cfg` under `layout`: compile and step seconds, items/s,
     MFU, per-device memory, collectives and, `with_cost` (two more compiles, for `predict`), the
     whole step's cost. Real inputs are allocated: small configs only on CPU."""
@@ -401,16 +468,20 @@ CHIPS = {
 }
 
 
-def roofline(flops: float, hbm_bytes: float, link_bytes: float | dict[int | None, float],
-             chip: Chip | str) -> dict[str, float]:
+def roofline(
+    flops: float, hbm_bytes: float, link_bytes: float | dict[int | None, float], chip: Chip | str
+) -> dict[str, float]:
     """Seconds one chip needs for its FLOPs at peak, its HBM traffic and its interconnect traffic
     (`link_bytes`, or {torus dimensions spanned: bytes} to charge each at its links' bandwidth), and
     the step time they allow if they overlap perfectly (the slowest of the three)."""
     chip = CHIPS[chip] if isinstance(chip, str) else chip
     by_dims = link_bytes if isinstance(link_bytes, dict) else {None: link_bytes}
     interconnect_s = sum(sent / chip.link_bandwidth(dims) for dims, sent in by_dims.items() if sent)
-    times = {"compute_s": flops / chip.peak_flops, "memory_s": hbm_bytes / chip.hbm_bandwidth,
-             "interconnect_s": float(interconnect_s)}
+    times = {
+        "compute_s": flops / chip.peak_flops,
+        "memory_s": hbm_bytes / chip.hbm_bandwidth,
+        "interconnect_s": float(interconnect_s),
+    }
     return times | {"step_s": max(times.values())}
 
 
@@ -452,12 +523,18 @@ def peak_memory(mem: dict[str, int | None]) -> int | None:
     that do not reuse donated arguments' buffers (None without a memory analysis)."""
     if mem["argument_bytes"] is None or mem["output_bytes"] is None or mem["temp_bytes"] is None:
         return None
-    return (mem["argument_bytes"] + mem["temp_bytes"] + mem["output_bytes"] - (mem["alias_bytes"] or 0)
-            + (mem["generated_code_bytes"] or 0))
+    return (
+        mem["argument_bytes"]
+        + mem["temp_bytes"]
+        + mem["output_bytes"]
+        - (mem["alias_bytes"] or 0)
+        + (mem["generated_code_bytes"] or 0)
+    )
 
 
-def with_kernel_flops(xla_cost: dict[str, float | None], cfg: GPTConfig | ViTConfig, rows_per_device: float,
-                      has_kernel: bool) -> dict[str, float | None]:
+def with_kernel_flops(
+    xla_cost: dict[str, float | None], cfg: GPTConfig | ViTConfig, rows_per_device: float, has_kernel: bool
+) -> dict[str, float | None]:
     """XLA's cost with the attention FLOPs it cannot see added where the program calls the splash
     kernel (a custom call XLA counts as free): the model's count, every key of a dense layer, so an
     upper bound of the causal kernel's work, which skips the tiles above the diagonal."""
@@ -467,8 +544,9 @@ def with_kernel_flops(xla_cost: dict[str, float | None], cfg: GPTConfig | ViTCon
     return xla_cost | {"flops": xla_cost["flops"] + kernel, "kernel_flops": kernel}
 
 
-def aot_layout(cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: str,
-               accumulation_steps: int = 1) -> dict[str, Any]:
+def aot_layout(
+    cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: str, accumulation_steps: int = 1
+) -> dict[str, Any]:
     """Compile a train step of `cfg` under `layout` for the abstract chips of a TPU `topology`,
     running nothing: per-chip memory against the chip's HBM, cost, collectives and the roofline."""
     chip, devices = topology_chip(topology), topology_devices(topology)

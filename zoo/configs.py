@@ -99,9 +99,7 @@ _VIT_SIZES = {
     "h": (32, 1280, 16, 5120),
 }
 VIT_PRESETS: dict[str, ViTConfig] = {
-    f"vit-{size}/{patch}": ViTConfig(
-        patch_size=patch, num_layers=layers, d_model=width, num_heads=heads, d_ff=mlp
-    )
+    f"vit-{size}/{patch}": ViTConfig(patch_size=patch, num_layers=layers, d_model=width, num_heads=heads, d_ff=mlp)
     for size, (layers, width, heads, mlp) in _VIT_SIZES.items()
     for patch in (14, 16, 32)
 }
@@ -152,8 +150,10 @@ def _check_types(config: Any, values: dict[str, Any], hints: dict[str, Any]) -> 
     for key, value in values.items():
         if not _admits(hints[key], value):
             expected = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key])
-            raise TypeError(f"{type(config).__name__}.{key}={value!r}: expected "
-                            f"{expected.replace('typing.', '')}, got {type(value).__name__}")
+            raise TypeError(
+                f"{type(config).__name__}.{key}={value!r}: expected "
+                f"{expected.replace('typing.', '')}, got {type(value).__name__}"
+            )
 
 
 def _admits(annotation: Any, value: Any) -> bool:

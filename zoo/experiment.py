@@ -26,40 +26,85 @@ from zoo.models.gpt import GPT, GPTConfig
 from zoo.models.vit import ViT, ViTConfig
 from zoo.sampling import sample
 from zoo.train import recipes
-from zoo.train.loop import LoopConfig, train
+from zoo.train.loop import LoopConfig, Task, train
 from zoo.train.recipes import Recipe
 
 
-def parser(doc: str, *, workdir: str, steps: int, batch: int, log_every: int = 50, checkpoint_every: int = 500,
-           mesh: str = "data=-1", parents: tuple[argparse.ArgumentParser, ...] = ()) -> argparse.ArgumentParser:
+def parser(
+    doc: str,
+    *,
+    workdir: str,
+    steps: int,
+    batch: int,
+    log_every: int = 50,
+    checkpoint_every: int = 500,
+    mesh: str = "data=-1",
+    parents: tuple[argparse.ArgumentParser, ...] = (),
+) -> argparse.ArgumentParser:
     """An argument parser with the flags every experiment takes; the experiment adds its own."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=list(parents))
-    p.add_argument("--workdir", type=epath.Path, default=epath.Path(workdir),
-                   help=f"checkpoints, metrics and config, a folder or a URL such as gs://bucket/run (every "
-                        f"host of a pod needs the same one); rerunning in the same workdir resumes (default {workdir})")
-    p.add_argument("--mesh", default=mesh,
-                   help=f"a layout {tuple(sharding.LAYOUTS)} or a mesh such as data=2,fsdp=2,tensor=2 "
-                        f"(-1 takes the remaining devices; default {mesh})")
-    p.add_argument("--steps", type=positive, default=steps,
-                   help=f"training steps in all (default {steps}); a resumed run trains the steps past its "
-                        f"checkpoint, and does nothing if there are none")
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents)
+    )
+    p.add_argument(
+        "--workdir",
+        type=epath.Path,
+        default=epath.Path(workdir),
+        help=f"checkpoints, metrics and config, a folder or a URL such as gs://bucket/run (every "
+        f"host of a pod needs the same one); rerunning in the same workdir resumes (default {workdir})",
+    )
+    p.add_argument(
+        "--mesh",
+        default=mesh,
+        help=f"a layout {tuple(sharding.LAYOUTS)} or a mesh such as data=2,fsdp=2,tensor=2 "
+        f"(-1 takes the remaining devices; default {mesh})",
+    )
+    p.add_argument(
+        "--steps",
+        type=positive,
+        default=steps,
+        help=f"training steps in all (default {steps}); a resumed run trains the steps past its "
+        f"checkpoint, and does nothing if there are none",
+    )
     p.add_argument("--batch", type=positive, default=batch, help=f"global batch size in rows (default {batch})")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout (default 0)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config field, e.g. --set num_layers=6 (repeatable)")
-    p.add_argument("--grad-accum", type=positive, default=1,
-                   help="micro-batches per optimizer step: the batch is split k ways (default 1)")
-    p.add_argument("--log-every", type=positive, default=log_every,
-                   help=f"steps between metrics, at least 1; the last step is always logged (default {log_every})")
-    p.add_argument("--eval-every", type=non_negative, default=0,
-                   help="steps between evaluations; 0: only after the last step (default 0)")
-    p.add_argument("--checkpoint-every", type=non_negative, default=checkpoint_every,
-                   help=f"steps between checkpoints; 0: only after the last step and on preemption "
-                        f"(default {checkpoint_every})")
-    p.add_argument("--max-bad-steps", type=positive, default=LoopConfig.max_bad_steps,
-                   help=f"stop the run after this many consecutive steps with a NaN or Inf loss or gradient "
-                        f"(each is skipped: no update; default {LoopConfig.max_bad_steps})")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model config field, e.g. --set num_layers=6 (repeatable)",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=positive,
+        default=1,
+        help="micro-batches per optimizer step: the batch is split k ways (default 1)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=positive,
+        default=log_every,
+        help=f"steps between metrics, at least 1; the last step is always logged (default {log_every})",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=non_negative,
+        default=0,
+        help="steps between evaluations; 0: only after the last step (default 0)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=non_negative,
+        default=checkpoint_every,
+        help=f"steps between checkpoints; 0: only after the last step and on preemption (default {checkpoint_every})",
+    )
+    p.add_argument(
+        "--max-bad-steps",
+        type=positive,
+        default=LoopConfig.max_bad_steps,
+        help=f"stop the run after this many consecutive steps with a NaN or Inf loss or gradient "
+        f"(each is skipped: no update; default {LoopConfig.max_bad_steps})",
+    )
     add_recipe_flags(p)
     p.add_argument("--coordinator-address", help="host:port of process 0, for multi-process runs off TPU")
     p.add_argument("--num-processes", type=int, help="number of processes (with --coordinator-address)")
@@ -93,8 +138,11 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe", "change the experiment's training recipe (default: its values)")
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--warmup", type=non_negative, help="linear warm-up steps")
-    g.add_argument("--decay-steps", type=positive,
-                   help="step at which the cosine reaches its final learning rate, flat after (counted from step 0)")
+    g.add_argument(
+        "--decay-steps",
+        type=positive,
+        help="step at which the cosine reaches its final learning rate, flat after (counted from step 0)",
+    )
     g.add_argument("--weight-decay", type=float, help="decoupled weight decay of kernels and token embeddings")
     g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="Adam's betas")
 
@@ -111,10 +159,17 @@ def recipe_from_flags(args: argparse.Namespace, base: Recipe) -> Recipe:
         schedule = json.loads(saved.read_text()).get("recipe", {})
         kept = {k: schedule[k] for k in ("warmup_steps", "decay_steps") if k in schedule}
         if kept and kept != {k: getattr(base, k) for k in kept}:
-            print(f"resuming: the schedule keeps the warm-up and decay horizon of {saved}, {kept}; past the "
-                  f"horizon the learning rate stays at its final value")
-    flags = {"learning_rate": args.lr, "warmup_steps": args.warmup, "decay_steps": args.decay_steps,
-             "weight_decay": args.weight_decay, "betas": None if args.betas is None else tuple(args.betas)}
+            print(
+                f"resuming: the schedule keeps the warm-up and decay horizon of {saved}, {kept}; past the "
+                f"horizon the learning rate stays at its final value"
+            )
+    flags = {
+        "learning_rate": args.lr,
+        "warmup_steps": args.warmup,
+        "decay_steps": args.decay_steps,
+        "weight_decay": args.weight_decay,
+        "betas": None if args.betas is None else tuple(args.betas),
+    }
     return dataclasses.replace(base, **{**kept, **{k: v for k, v in flags.items() if v is not None}})
 
 
@@ -131,9 +186,15 @@ def loop_config(args: argparse.Namespace) -> LoopConfig:
     """The loop settings given on the command line."""
     if args.batch % args.grad_accum:
         raise ValueError(f"--batch {args.batch} does not split into --grad-accum {args.grad_accum} micro-batches")
-    return LoopConfig(steps=args.steps, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
-                      checkpoint_every=args.checkpoint_every, accumulation_steps=args.grad_accum,
-                      max_bad_steps=args.max_bad_steps)
+    return LoopConfig(
+        steps=args.steps,
+        seed=args.seed,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        accumulation_steps=args.grad_accum,
+        max_bad_steps=args.max_bad_steps,
+    )
 
 
 def check_batch(args: argparse.Namespace, mesh: Mesh) -> None:
@@ -167,23 +228,47 @@ TEXT_DATA_FLAGS = ("tfds", "text_dir", "eval_split", "tokenizer", "vocab_size", 
 def add_text_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: str = "runs/data") -> None:
     """Flags of the language-model experiments: where the text comes from, the tokenizer, sampling."""
     p.add_argument("--tfds", metavar="NAME", help="a tfds text dataset by name, e.g. lm1b (downloads if needed)")
-    p.add_argument("--text-dir", type=epath.Path,
-                   help="text files: DIR/train/*.txt and DIR/<eval split>/*.txt, one document a file "
-                        "(default without --tfds: the shipped Shakespeare)")
+    p.add_argument(
+        "--text-dir",
+        type=epath.Path,
+        help="text files: DIR/train/*.txt and DIR/<eval split>/*.txt, one document a file "
+        "(default without --tfds: the shipped Shakespeare)",
+    )
     p.add_argument("--eval-split", default="validation", help="held-out split name (default validation)")
-    p.add_argument("--tokenizer", type=epath.Path,
-                   help="a sentencepiece .model file, for any corpus (default: train one on the training split)")
-    p.add_argument("--vocab-size", type=positive, default=vocab_size,
-                   help=f"vocabulary of the trained tokenizer; the model's follows it (default {vocab_size})")
-    p.add_argument("--max-documents", type=positive,
-                   help="read at most this many documents per split (the shipped corpus: plays, in name order)")
-    p.add_argument("--data-dir", type=epath.Path, default=epath.Path(data_dir),
-                   help=f"cache of tfds builds and tokenizers, each keyed by what made it (default {data_dir})")
-    p.add_argument("--eval-batches", type=non_negative, default=20,
-                   help="validation batches per evaluation; 0: no evaluation (default 20)")
-    p.add_argument("--eval-batch", type=positive,
-                   help="validation batch size in rows (default: --batch, capped at the validation split's "
-                        "rows rounded down to a multiple of data x fsdp)")
+    p.add_argument(
+        "--tokenizer",
+        type=epath.Path,
+        help="a sentencepiece .model file, for any corpus (default: train one on the training split)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=positive,
+        default=vocab_size,
+        help=f"vocabulary of the trained tokenizer; the model's follows it (default {vocab_size})",
+    )
+    p.add_argument(
+        "--max-documents",
+        type=positive,
+        help="read at most this many documents per split (the shipped corpus: plays, in name order)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=epath.Path,
+        default=epath.Path(data_dir),
+        help=f"cache of tfds builds and tokenizers, each keyed by what made it (default {data_dir})",
+    )
+    p.add_argument(
+        "--eval-batches",
+        type=non_negative,
+        default=20,
+        help="validation batches per evaluation; 0: no evaluation (default 20)",
+    )
+    p.add_argument(
+        "--eval-batch",
+        type=positive,
+        help="validation batch size in rows (default: --batch, capped at the validation split's "
+        "rows rounded down to a multiple of data x fsdp)",
+    )
     p.add_argument("--samples", type=int, default=2, help="texts sampled at the end (default 2)")
     p.add_argument("--sample-tokens", type=int, default=120, help="tokens per sample (default 120)")
     p.add_argument("--prompt", default="ROMEO.\n", help="the samples' prompt")
@@ -196,38 +281,77 @@ def run_language_model(args: argparse.Namespace, cfg: GPTConfig, recipe: str, **
     mesh = start(args)
     check_batch(args, mesh)
     cfg = configs.override(cfg, args.set)
-    corpus = _shared(lambda: prepare_corpus(
-        args.data_dir, cfg.context_length, args.vocab_size, tfds_name=args.tfds, text_dir=args.text_dir,
-        eval_split=args.eval_split, tokenizer_path=args.tokenizer, max_documents=args.max_documents))
+    corpus = _shared(
+        lambda: prepare_corpus(
+            args.data_dir,
+            cfg.context_length,
+            args.vocab_size,
+            tfds_name=args.tfds,
+            text_dir=args.text_dir,
+            eval_split=args.eval_split,
+            tokenizer_path=args.tokenizer,
+            max_documents=args.max_documents,
+        )
+    )
     if not any(item.startswith("vocab_size=") for item in args.set):
         cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     corpus.tokenizer.check_vocab(cfg.vocab_size)
-    print(f"corpus: {corpus.train.size:,} training and {corpus.validation.size:,} validation tokens "
-          f"(vocabulary {corpus.tokenizer.vocab_size}); mesh {dict(mesh.shape)} over {jax.device_count()} "
-          f"{jax.devices()[0].platform} devices")
+    print(
+        f"corpus: {corpus.train.size:,} training and {corpus.validation.size:,} validation tokens "
+        f"(vocabulary {corpus.tokenizer.vocab_size}); mesh {dict(mesh.shape)} over {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices"
+    )
     model = GPT(cfg)
-    task = tasks.language_model(model, corpus.train, corpus.validation, args.batch, args.seed, args.eval_batches,
-                                eval_batch(args, mesh, len(corpus.validation)))
+    task = tasks.language_model(
+        model,
+        corpus.train,
+        corpus.validation,
+        args.batch,
+        args.seed,
+        args.eval_batches,
+        eval_batch(args, mesh, len(corpus.validation)),
+    )
     base = recipes.recipe(recipe, batch=args.batch, steps=args.steps, context_length=cfg.context_length)
     chosen = recipe_from_flags(args, dataclasses.replace(base, **recipe_changes))
-    summary = train(task, recipes.optimizer(chosen), mesh, args.workdir, loop_config(args),
-                    {"model": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(chosen),
-                     "data": {flag: getattr(args, flag) for flag in TEXT_DATA_FLAGS},
-                     "args": vars(args)})
+    summary = _train(args, task, mesh, cfg, chosen, TEXT_DATA_FLAGS)
     if summary.get("preempted"):
         return summary
     if "eval_loss" in summary:
-        print(f"step {args.steps}: validation loss {summary['eval_loss']:.3f} nats/token, "
-              f"perplexity {math.exp(summary['eval_loss']):.1f}")
+        print(
+            f"step {args.steps}: validation loss {summary['eval_loss']:.3f} nats/token, "
+            f"perplexity {math.exp(summary['eval_loss']):.1f}"
+        )
     if args.samples:
         prompt = np.asarray([corpus.tokenizer.encode(args.prompt)] * args.samples, np.int32)
         with sharding.sharding_context(mesh):  # params stay in their shards; kernels see the mesh
-            texts = jax.device_get(sample(model, summary["state"]["params"], prompt, args.sample_tokens,
-                                          jax.random.key(args.seed), temperature=0.8))
+            texts = jax.device_get(
+                sample(
+                    model,
+                    summary["state"]["params"],
+                    prompt,
+                    args.sample_tokens,
+                    jax.random.key(args.seed),
+                    temperature=0.8,
+                )
+            )
         if jax.process_index() == 0:
             for i, tokens in enumerate(texts):
                 print(f"\n--- sample {i + 1} ---\n{corpus.tokenizer.decode(tokens.tolist())}")
     return summary
+
+
+def _train(
+    args: argparse.Namespace, task: Task, mesh: Mesh, cfg: Any, recipe: Recipe, data_flags: tuple[str, ...]
+) -> dict:
+    """Train `task` with `recipe` on `mesh` in --workdir; config.json records the model, the recipe,
+    the flags in `data_flags` (the "data" section a resume must keep) and the whole command line."""
+    config = {
+        "model": dataclasses.asdict(cfg),
+        "recipe": dataclasses.asdict(recipe),
+        "data": {flag: value for flag, value in vars(args).items() if flag in data_flags},
+        "args": vars(args),
+    }
+    return train(task, recipes.optimizer(recipe), mesh, args.workdir, loop_config(args), config)
 
 
 def _shared(prepare: Callable[[], Any]) -> Any:
@@ -251,12 +375,24 @@ class ImageData:
     eval_split: str = "validation"
     eval_batch: int | None = None
 
-    def pipeline(self, examples: ArrayExamples | SourceExamples, batch: int, cfg: ViTConfig, seed: int,
-                 training: bool) -> ImagePipeline:
+    def pipeline(
+        self, examples: ArrayExamples | SourceExamples, batch: int, cfg: ViTConfig, seed: int, training: bool
+    ) -> ImagePipeline:
         """This process's batches of `examples`: shuffled and augmented for training, in order for evaluation."""
-        return ImagePipeline(examples, batch, seed, cfg.image_size, cfg.num_channels, self.mean, self.std,
-                             jax.process_index(), jax.process_count(), augment=training, pad=self.pad,
-                             shuffle=training)
+        return ImagePipeline(
+            examples,
+            batch,
+            seed,
+            cfg.image_size,
+            cfg.num_channels,
+            self.mean,
+            self.std,
+            jax.process_index(),
+            jax.process_count(),
+            augment=training,
+            pad=self.pad,
+            shuffle=training,
+        )
 
 
 # The image-classifier flags that fix the data a run trains on: the config's "data" section.
@@ -271,17 +407,19 @@ def run_image_classifier(args: argparse.Namespace, cfg: ViTConfig, recipe: Recip
     cfg = configs.override(cfg, args.set)
     train_data = _shared(lambda: data.examples(cfg, "train"))
     eval_data = data.examples(cfg, data.eval_split)
-    print(f"{len(train_data):,} training and {len(eval_data):,} {data.eval_split} images; mesh "
-          f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
+    print(
+        f"{len(train_data):,} training and {len(eval_data):,} {data.eval_split} images; mesh "
+        f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices"
+    )
     evaluate = data.pipeline(eval_data, data.eval_batch or args.batch, cfg, args.seed, training=False)
-    task = tasks.image_classifier(ViT(cfg), data.pipeline(train_data, args.batch, cfg, args.seed, training=True),
-                                  evaluate)
+    task = tasks.image_classifier(
+        ViT(cfg), data.pipeline(train_data, args.batch, cfg, args.seed, training=True), evaluate
+    )
     chosen = recipe_from_flags(args, recipe)
-    summary = train(task, recipes.optimizer(chosen), mesh, args.workdir, loop_config(args),
-                    {"model": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(chosen),
-                     "data": {flag: value for flag, value in vars(args).items() if flag in IMAGE_DATA_FLAGS},
-                     "args": vars(args)})
+    summary = _train(args, task, mesh, cfg, chosen, IMAGE_DATA_FLAGS)
     if "eval_accuracy" in summary and not summary.get("preempted"):
-        print(f"step {args.steps}: {data.eval_split} accuracy {summary['eval_accuracy']:.2%} on "
-              f"{evaluate.steps_per_epoch * evaluate.global_batch:,} images (loss {summary['eval_loss']:.3f})")
+        print(
+            f"step {args.steps}: {data.eval_split} accuracy {summary['eval_accuracy']:.2%} on "
+            f"{evaluate.steps_per_epoch * evaluate.global_batch:,} images (loss {summary['eval_loss']:.3f})"
+        )
     return summary

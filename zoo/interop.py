@@ -111,9 +111,7 @@ def from_transformers(model_or_path: Any) -> tuple[Config, dict]:
     if isinstance(model_or_path, (str, os.PathLike)):
         return from_state_dict(*_read_directory(Path(model_or_path)))
     if not (hasattr(model_or_path, "config") and hasattr(model_or_path, "state_dict")):
-        raise TypeError(
-            f"expected a transformers model or a checkpoint directory, got {type(model_or_path).__name__}"
-        )
+        raise TypeError(f"expected a transformers model or a checkpoint directory, got {type(model_or_path).__name__}")
     hf_config = {**model_or_path.config.to_dict(), "architectures": [type(model_or_path).__name__]}
     state = {k: v.detach().cpu().float().numpy() for k, v in model_or_path.state_dict().items()}
     return from_state_dict(model_or_path.config.model_type, hf_config, state)

@@ -21,8 +21,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: i
     others (numbers) right-aligned."""
     widths = [max(map(len, column)) for column in zip(header, *rows)]
     rule = [":" + "-" * max(w - 1, 1) if i < left else "-" * max(w - 1, 1) + ":" for i, w in enumerate(widths)]
-    lines = [[cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths))]
-             for cells in (header, *rows)]
+    lines = [
+        [cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths))]
+        for cells in (header, *rows)
+    ]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [lines[0], rule, *lines[1:]])
 
 

@@ -41,8 +41,9 @@ def sample(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 6))
-def _sample(model: GPT, params: Any, prompt: jax.Array, num_tokens: int, rng: jax.Array, temperature: float,
-            top_k: int | None) -> jax.Array:
+def _sample(
+    model: GPT, params: Any, prompt: jax.Array, num_tokens: int, rng: jax.Array, temperature: float, top_k: int | None
+) -> jax.Array:
     batch, prompt_length = prompt.shape
     total = prompt_length + num_tokens
     window = min(model.cfg.context_length, total)

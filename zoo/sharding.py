@@ -158,9 +158,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = RULES) -> A
     )
 
 
-def init_sharded(
-    init_fn: Callable, mesh: Mesh, *args: Any, rules: Rules = RULES
-) -> tuple[Any, Any]:
+def init_sharded(init_fn: Callable, mesh: Mesh, *args: Any, rules: Rules = RULES) -> tuple[Any, Any]:
     """Run `init_fn(*args)` (returning boxed params) compiled with the rules' output shardings,
     so each device only ever builds its own shards. Returns (unboxed params, their shardings):
     bare arrays and a matching tree of NamedShardings, ready for jit's in/out_shardings."""
@@ -170,9 +168,7 @@ def init_sharded(
     return params, shardings
 
 
-def optimizer_shardings(
-    optimizer: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh
-) -> Any:
+def optimizer_shardings(optimizer: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
     """Shardings for `optimizer.init(params)`: every copy of the params tree in the state
     (e.g. Adam's mu and nu) is sharded like the params, the rest (step counts) replicated."""
     state = jax.eval_shape(optimizer.init, params)

@@ -27,22 +27,32 @@ def evaluation_batches(pipeline: StepPipeline, max_batches: int | None) -> Calla
     if max_batches == 0:
         return None
     if pipeline.steps_per_epoch == 0:
-        raise ValueError(f"the evaluation split holds {pipeline.size} rows, fewer than one evaluation batch of "
-                         f"{pipeline.global_batch}: evaluate with a smaller batch (--eval-batch) or not at all "
-                         f"(--eval-batches 0)")
+        raise ValueError(
+            f"the evaluation split holds {pipeline.size} rows, fewer than one evaluation batch of "
+            f"{pipeline.global_batch}: evaluate with a smaller batch (--eval-batch) or not at all "
+            f"(--eval-batches 0)"
+        )
     count = pipeline.steps_per_epoch if max_batches is None else min(max_batches, pipeline.steps_per_epoch)
     return lambda: (pipeline.batch_at(step) for step in range(count))
 
 
-def language_model(model: GPT, train_rows: np.ndarray, eval_rows: np.ndarray, global_batch: int, seed: int,
-                   eval_batches: int | None = 20, eval_batch: int | None = None) -> Task:
+def language_model(
+    model: GPT,
+    train_rows: np.ndarray,
+    eval_rows: np.ndarray,
+    global_batch: int,
+    seed: int,
+    eval_batches: int | None = 20,
+    eval_batch: int | None = None,
+) -> Task:
     """Next-token prediction on rows of context_length + 1 tokens; evaluation on `eval_batches`
     batches of `eval_batch` rows (default: the training batch)."""
     cfg = model.cfg
     for name, rows in (("training", train_rows), ("validation", eval_rows)):
         if rows.shape[1] != cfg.context_length + 1:
-            raise ValueError(f"{name} rows of {rows.shape[1]} tokens; the model needs context_length + 1 = "
-                             f"{cfg.context_length + 1}")
+            raise ValueError(
+                f"{name} rows of {rows.shape[1]} tokens; the model needs context_length + 1 = {cfg.context_length + 1}"
+            )
         check_token_ids(rows, cfg.vocab_size, name)
     train = TextPipeline(train_rows, global_batch, seed, **_process_slice())
     evaluate = TextPipeline(eval_rows, eval_batch or global_batch, seed, shuffle=False, **_process_slice())

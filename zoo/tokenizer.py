@@ -44,7 +44,11 @@ TRAINER_OPTIONS = dict(
     allow_whitespace_only_pieces=True,
     split_digits=True,
     max_sentence_length=4 * SENTENCE_CHARS,  # bytes
-    pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1, eos_piece=EOS_PIECE,
+    pad_id=PAD_ID,
+    unk_id=UNK_ID,
+    eos_id=EOS_ID,
+    bos_id=-1,
+    eos_piece=EOS_PIECE,
     num_threads=1,  # the thread count is recorded in the model file: fixed, so equal inputs give equal files
     minloglevel=2,
 )
@@ -100,7 +104,7 @@ class Tokenizer:
         ids, n = [int(i) for i in ids], len(self._space_bytes)
         parts, start, i = [], 0, 0
         while i <= len(ids) - n:
-            if ids[i:i + n] == self._space_bytes:
+            if ids[i : i + n] == self._space_bytes:
                 parts.append(self._sp.decode(ids[start:i]))
                 start = i = i + n
             else:
@@ -118,7 +122,9 @@ class Tokenizer:
 
 
 def train_tokenizer(
-    texts_or_files: Iterable[str | os.PathLike], model_prefix: str | os.PathLike, vocab_size: int = 4096,
+    texts_or_files: Iterable[str | os.PathLike],
+    model_prefix: str | os.PathLike,
+    vocab_size: int = 4096,
     **options: Any,
 ) -> Tokenizer:
     """Train a byte-fallback BPE on texts (str) or UTF-8 files (paths); writes `{model_prefix}.model`
@@ -126,7 +132,9 @@ def train_tokenizer(
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts_or_files), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=_sentences(texts_or_files),
+            model_writer=model,
+            vocab_size=vocab_size,
             **{**TRAINER_OPTIONS, **options},
         )
     except RuntimeError as error:
@@ -140,8 +148,9 @@ def train_tokenizer(
     return Tokenizer(spm.SentencePieceProcessor(model_proto=model.getvalue()))
 
 
-def cached_tokenizer(texts: Sequence[str], cache_dir: str | os.PathLike, name: str, vocab_size: int = 4096,
-                     **options: Any) -> Tokenizer:
+def cached_tokenizer(
+    texts: Sequence[str], cache_dir: str | os.PathLike, name: str, vocab_size: int = 4096, **options: Any
+) -> Tokenizer:
     """`train_tokenizer` of `texts`, trained once then loaded from `cache_dir`: the file name holds a digest
     of the texts, vocab_size and options, so other documents (e.g. another max_documents) train another."""
     options = {**TRAINER_OPTIONS, **options}
@@ -164,11 +173,15 @@ def fingerprint(parts: Iterable[str | bytes]) -> str:
 def _vocab_size_error(message: str, vocab_size: int) -> ValueError | None:
     """sentencepiece's failures for a vocabulary too small or too large, as errors naming the size that works."""
     if match := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
-        return ValueError(f"vocab_size={vocab_size} is too small for this text: it needs at least {match[1]} "
-                          f"(every distinct character of the text, plus the special and byte pieces)")
+        return ValueError(
+            f"vocab_size={vocab_size} is too small for this text: it needs at least {match[1]} "
+            f"(every distinct character of the text, plus the special and byte pieces)"
+        )
     if match := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
-        return ValueError(f"vocab_size={vocab_size} is more than this text supports: at most {match[1]} "
-                          f"(train on more text for a larger vocabulary)")
+        return ValueError(
+            f"vocab_size={vocab_size} is more than this text supports: at most {match[1]} "
+            f"(train on more text for a larger vocabulary)"
+        )
     return None
 
 
@@ -182,4 +195,4 @@ def _sentences(texts_or_files: Iterable[str | os.PathLike]) -> Iterator[str]:
 
 def _cut(text: str, size: int) -> Sequence[str]:
     """`text` in consecutive pieces of at most `size` characters."""
-    return [text[start:start + size] for start in range(0, len(text), size)]
+    return [text[start : start + size] for start in range(0, len(text), size)]

@@ -44,7 +44,16 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 FASHION_MNIST_CLASSES = (
-    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
 )
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)  # of the training images scaled to [0, 1]
 DECODE_WORKERS = min(8, os.cpu_count() or 1)  # threads that build one batch
@@ -73,10 +82,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     rank = data[3]
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=rank, offset=4))
     dtype = np.dtype(IDX_DTYPES[data[2]])
-    body = data[4 + 4 * rank:]
+    body = data[4 + 4 * rank :]
     if len(body) != dtype.itemsize * int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape} of {dtype} ({dtype.itemsize * int(np.prod(shape))} bytes), "
-                         f"the file holds {len(body)} bytes")
+        raise ValueError(
+            f"{path}: header says {shape} of {dtype} ({dtype.itemsize * int(np.prod(shape))} bytes), "
+            f"the file holds {len(body)} bytes"
+        )
     return np.frombuffer(body, dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -84,8 +95,10 @@ def read_idx_pair(images_path: str | os.PathLike, labels_path: str | os.PathLike
     """Images uint8 [N, H, W, 1] and labels int64 [N] from an IDX pair (magics 2051 and 2049)."""
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{images_path} and {labels_path} hold shapes {images.shape} and {labels.shape}; "
-                         f"expected [N, H, W] images and [N] labels")
+        raise ValueError(
+            f"{images_path} and {labels_path} hold shapes {images.shape} and {labels.shape}; "
+            f"expected [N, H, W] images and [N] labels"
+        )
     return images[..., None], labels.astype(np.int64)
 
 
@@ -96,20 +109,25 @@ class LocalFashionMnist(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"The four Fashion-MNIST IDX files: {sorted(sum(FASHION_MNIST_FILES.values(), ()))}."
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),  # Image() would need TensorFlow
-            "label": tfds.features.ClassLabel(names=FASHION_MNIST_CLASSES),
-        })
-        return tfds.core.DatasetInfo(builder=self, features=features, supervised_keys=("image", "label"),
-                                     disable_shuffling=True)  # the IDX files' order
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),  # Image() would need TensorFlow
+                "label": tfds.features.ClassLabel(names=FASHION_MNIST_CLASSES),
+            }
+        )
+        return tfds.core.DatasetInfo(
+            builder=self, features=features, supervised_keys=("image", "label"), disable_shuffling=True
+        )  # the IDX files' order
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         folder = pathlib.Path(dl_manager.manual_dir)
         missing = [name for pair in FASHION_MNIST_FILES.values() for name in pair if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder} lacks {missing}")
-        return {split: self._generate_examples(folder / images, folder / labels)
-                for split, (images, labels) in FASHION_MNIST_FILES.items()}
+        return {
+            split: self._generate_examples(folder / images, folder / labels)
+            for split, (images, labels) in FASHION_MNIST_FILES.items()
+        }
 
     def _generate_examples(self, images_path: pathlib.Path, labels_path: pathlib.Path) -> Any:
         images, labels = read_idx_pair(images_path, labels_path)
@@ -148,8 +166,9 @@ class ArrayExamples:
 class SourceExamples:
     """A tfds image data source read on demand, each image resized to `image_size` (for ImageNet-sized sets)."""
 
-    def __init__(self, source: Any, image_size: int | tuple[int, int], image_key: str = "image",
-                 label_key: str = "label"):
+    def __init__(
+        self, source: Any, image_size: int | tuple[int, int], image_key: str = "image", label_key: str = "label"
+    ):
         self.source, self.size, self.image_key, self.label_key = source, _pair(image_size), image_key, label_key
         self.channels = np.shape(read_records(source, [0])[0][image_key])[-1]
 
@@ -163,8 +182,10 @@ class SourceExamples:
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(images resized to image_size, labels) at `indices`."""
         batch = read_records(self.source, indices)
-        return (np.stack([fit_image(record[self.image_key], self.size) for record in batch]),
-                np.asarray([record[self.label_key] for record in batch]))
+        return (
+            np.stack([fit_image(record[self.image_key], self.size) for record in batch]),
+            np.asarray([record[self.label_key] for record in batch]),
+        )
 
 
 def fit_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -176,9 +197,10 @@ def fit_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     resized_height, resized_width = max(size[0], round(height * scale)), max(size[1], round(width * scale))
     pil = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     resized = np.asarray(pil.resize((resized_width, resized_height), PIL.Image.BILINEAR)).reshape(
-        resized_height, resized_width, image.shape[-1])
+        resized_height, resized_width, image.shape[-1]
+    )
     top, left = (resized_height - size[0]) // 2, (resized_width - size[1]) // 2
-    return resized[top:top + size[0], left:left + size[1]]
+    return resized[top : top + size[0], left : left + size[1]]
 
 
 def load_examples(source: Any, image_key: str = "image", label_key: str = "label") -> ArrayExamples:
@@ -189,8 +211,10 @@ def load_examples(source: Any, image_key: str = "image", label_key: str = "label
         labels.append(record[label_key])
     shapes = sorted({np.shape(image) for image in images})
     if len(shapes) > 1:
-        raise ValueError(f"the images have {len(shapes)} different shapes (e.g. {shapes[:3]}): "
-                         f"read them with SourceExamples(source, image_size), which resizes them")
+        raise ValueError(
+            f"the images have {len(shapes)} different shapes (e.g. {shapes[:3]}): "
+            f"read them with SourceExamples(source, image_size), which resizes them"
+        )
     return ArrayExamples(np.stack(images), np.asarray(labels, np.int64))
 
 
@@ -199,45 +223,71 @@ def fashion_mnist_examples(source_dir: str | os.PathLike, data_dir: str | os.Pat
     return load_examples(build_fashion_mnist(source_dir, data_dir).as_data_source(split))
 
 
-def tfds_examples(name: str, split: str, data_dir: str | os.PathLike | None = None,
-                  image_size: int | tuple[int, int] | None = None,
-                  download: bool = True) -> ArrayExamples | SourceExamples:
+def tfds_examples(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    download: bool = True,
+) -> ArrayExamples | SourceExamples:
     """A tfds image dataset by name, downloaded if needed: whole in memory ("fashion_mnist", "cifar10"),
     or with an image_size read on demand and resized ("imagenet2012", which tfds cannot download for you).
     """
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=download,
-                              builder_kwargs={"file_format": "array_record"})
+    source = tfds.data_source(
+        name, split=split, data_dir=data_dir, download=download, builder_kwargs={"file_format": "array_record"}
+    )
     return load_examples(source) if image_size is None else SourceExamples(source, image_size)
 
 
-def synthetic_examples(n: int, image_size: int | tuple[int, int], channels: int, num_classes: int,
-                       seed: int = 0) -> ArrayExamples:
+def synthetic_examples(
+    n: int, image_size: int | tuple[int, int], channels: int, num_classes: int, seed: int = 0
+) -> ArrayExamples:
     """Random uint8 images [n, H, W, C] and labels [n]: a stand-in source for tests."""
     rng = np.random.default_rng(seed)
-    return ArrayExamples(rng.integers(0, 256, (n, *_pair(image_size), channels), dtype=np.uint8),
-                         rng.integers(0, num_classes, n).astype(np.int64))
+    return ArrayExamples(
+        rng.integers(0, 256, (n, *_pair(image_size), channels), dtype=np.uint8),
+        rng.integers(0, num_classes, n).astype(np.int64),
+    )
 
 
 def check_images(shape: Sequence[int], image_size: int | tuple[int, int], channels: int) -> None:
     """Raise unless images of `shape` [N, H, W, C] fit a model taking `image_size` images of `channels` channels."""
     expected = (*_pair(image_size), channels)
     if len(shape) != 4:
-        raise ValueError(f"images have shape {tuple(shape)}; expected [N, height, width, channels] = [N, {expected}] "
-                         f"(grayscale images need a channel axis: images[..., None])")
+        raise ValueError(
+            f"images have shape {tuple(shape)}; expected [N, height, width, channels] = [N, {expected}] "
+            f"(grayscale images need a channel axis: images[..., None])"
+        )
     if tuple(shape[1:]) != expected:
-        hint = (f"set the model's num_channels={shape[3]} or convert the images" if shape[3] != channels
-                else "set the model's image_size or resize the images")
-        raise ValueError(f"images are (height, width, channels) = {tuple(shape[1:])} but the model expects "
-                         f"{expected}: {hint}")
+        hint = (
+            f"set the model's num_channels={shape[3]} or convert the images"
+            if shape[3] != channels
+            else "set the model's image_size or resize the images"
+        )
+        raise ValueError(
+            f"images are (height, width, channels) = {tuple(shape[1:])} but the model expects {expected}: {hint}"
+        )
 
 
 class ImagePipeline(StepPipeline):
     """Batches {"image": float32 [local_batch, H, W, C] normalised, "label": int32} with seeded augmentation."""
 
-    def __init__(self, examples: ArrayExamples | SourceExamples, global_batch: int, seed: int,
-                 image_size: int | tuple[int, int], channels: int, mean: Sequence[float], std: Sequence[float],
-                 process_index: int = 0, process_count: int = 1, augment: bool = True, pad: int = 2,
-                 shuffle: bool = True, workers: int = DECODE_WORKERS):
+    def __init__(
+        self,
+        examples: ArrayExamples | SourceExamples,
+        global_batch: int,
+        seed: int,
+        image_size: int | tuple[int, int],
+        channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        process_index: int = 0,
+        process_count: int = 1,
+        augment: bool = True,
+        pad: int = 2,
+        shuffle: bool = True,
+        workers: int = DECODE_WORKERS,
+    ):
         check_images(examples.shape, image_size, channels)
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} need one value per channel ({channels})")

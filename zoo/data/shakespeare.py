@@ -22,4 +22,3 @@ def works() -> dict[str, str]:
             for member in tar.getmembers()
             if member.isfile()
         }
-

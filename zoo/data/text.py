@@ -62,8 +62,15 @@ class StepPipeline(abc.ABC):
     gets the p-th of `process_count` equal consecutive slices of it. State is {"step", "seed"}.
     """
 
-    def __init__(self, size: int, global_batch: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        size: int,
+        global_batch: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        shuffle: bool = True,
+    ):
         if size < 1:
             raise ValueError("the data set is empty")
         if global_batch < 1 or global_batch % process_count:
@@ -128,8 +135,15 @@ class StepPipeline(abc.ABC):
 class TextPipeline(StepPipeline):
     """Batches of packed token rows [local_batch, length + 1], shuffled by seed, resumable by step."""
 
-    def __init__(self, rows: Any, global_batch: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        rows: Any,
+        global_batch: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        shuffle: bool = True,
+    ):
         super().__init__(len(rows), global_batch, seed, process_index, process_count, shuffle)
         self.rows = rows
 
@@ -187,25 +201,35 @@ def text_file_splits(source_dir: str | os.PathLike) -> dict[str, list[epath.Path
 
 def text_files_builder(data_dir: str | os.PathLike, name: str) -> LocalTextFiles:
     """The builder of corpus `name` (a tfds config) in `data_dir`, built or not."""
-    return LocalTextFiles(config=tfds.core.BuilderConfig(name=name), data_dir=os.fspath(data_dir),
-                          file_format="array_record")
+    return LocalTextFiles(
+        config=tfds.core.BuilderConfig(name=name), data_dir=os.fspath(data_dir), file_format="array_record"
+    )
 
 
-def build_text_files(source_dir: str | os.PathLike, data_dir: str | os.PathLike, name: str,
-                     required_splits: Sequence[str] = ("train",)) -> LocalTextFiles:
+def build_text_files(
+    source_dir: str | os.PathLike, data_dir: str | os.PathLike, name: str, required_splits: Sequence[str] = ("train",)
+) -> LocalTextFiles:
     """Build `source_dir`/<split>/*.txt into `data_dir` as config `name`-<digest of the files' names and
     contents>, so a build is reused only while its files are unchanged; a missing split is named."""
     splits = text_file_splits(source_dir)
     for split in required_splits:
         if split not in splits:
-            raise FileNotFoundError(f"{source_dir} has no {split}/*.txt files (splits found: "
-                                    f"{', '.join(splits) or 'none'}); a text folder holds {TEXT_DIR_LAYOUT}")
-    key = fingerprint(part for split, files in splits.items() for path in files
-                      for part in (f"{split}/{path.name}", path.read_bytes()))
+            raise FileNotFoundError(
+                f"{source_dir} has no {split}/*.txt files (splits found: "
+                f"{', '.join(splits) or 'none'}); a text folder holds {TEXT_DIR_LAYOUT}"
+            )
+    key = fingerprint(
+        part
+        for split, files in splits.items()
+        for path in files
+        for part in (f"{split}/{path.name}", path.read_bytes())
+    )
     builder = text_files_builder(data_dir, f"{name}-{key}")
     if not builder.is_prepared():
-        print(f"building tfds local_text_files/{builder.builder_config.name} from {source_dir} into {data_dir} "
-              f"(reused while the files are unchanged)")
+        print(
+            f"building tfds local_text_files/{builder.builder_config.name} from {source_dir} into {data_dir} "
+            f"(reused while the files are unchanged)"
+        )
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(source_dir)))
     return builder
 
@@ -231,11 +255,13 @@ def source_texts(source: Any, text_key: str = "text") -> Iterator[str]:
         yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
 
-def tfds_documents(name: str, split: str, data_dir: str | os.PathLike | None = None, text_key: str = "text",
-                   download: bool = True) -> Iterator[str]:
+def tfds_documents(
+    name: str, split: str, data_dir: str | os.PathLike | None = None, text_key: str = "text", download: bool = True
+) -> Iterator[str]:
     """Documents of any tfds text dataset by name (e.g. "tiny_shakespeare", "lm1b"), downloaded if needed."""
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=download,
-                              builder_kwargs={"file_format": "array_record"})
+    source = tfds.data_source(
+        name, split=split, data_dir=data_dir, download=download, builder_kwargs={"file_format": "array_record"}
+    )
     return source_texts(source, text_key)
 
 
@@ -243,14 +269,19 @@ class PackedCorpus(NamedTuple):
     """A tokenizer and the train and validation rows it packed."""
 
     tokenizer: Tokenizer
-    train: np.ndarray       # int32 [rows, length + 1]
+    train: np.ndarray  # int32 [rows, length + 1]
     validation: np.ndarray  # int32 [rows, length + 1]
 
 
-def prepare_shakespeare(data_dir: str | os.PathLike, length: int, vocab_size: int = 4096,
-                        validation: tuple[str, ...] = shakespeare.VALIDATION_PLAYS, *,
-                        tokenizer_path: str | os.PathLike | None = None,
-                        max_documents: int | None = None) -> PackedCorpus:
+def prepare_shakespeare(
+    data_dir: str | os.PathLike,
+    length: int,
+    vocab_size: int = 4096,
+    validation: tuple[str, ...] = shakespeare.VALIDATION_PLAYS,
+    *,
+    tokenizer_path: str | os.PathLike | None = None,
+    max_documents: int | None = None,
+) -> PackedCorpus:
     """The shipped Shakespeare as packed rows (at most `max_documents` plays a split, in name order); the
     tokenizer is loaded from `tokenizer_path`, or trained on train; the tfds build and tokenizer are cached."""
     tokenizer = None if tokenizer_path is None else Tokenizer.load(tokenizer_path)  # a bad path fails first
@@ -266,14 +297,29 @@ def prepare_shakespeare(data_dir: str | os.PathLike, length: int, vocab_size: in
             folder.mkdir(exist_ok=True)
             (folder / f"{play}.txt").write_text(text, encoding="utf-8")
         builder = build_text_files(source, data_dir, name, ("train", "validation"))
-    return _pack(lambda split: source_texts(builder.as_data_source(split)), "validation", tokenizer,
-                 data_dir / "tokenizers", name, vocab_size, length, max_documents)
+    return _pack(
+        lambda split: source_texts(builder.as_data_source(split)),
+        "validation",
+        tokenizer,
+        data_dir / "tokenizers",
+        name,
+        vocab_size,
+        length,
+        max_documents,
+    )
 
 
-def prepare_corpus(data_dir: str | os.PathLike, length: int, vocab_size: int, *, tfds_name: str | None = None,
-                   text_dir: str | os.PathLike | None = None, eval_split: str = "validation",
-                   tokenizer_path: str | os.PathLike | None = None,
-                   max_documents: int | None = None) -> PackedCorpus:
+def prepare_corpus(
+    data_dir: str | os.PathLike,
+    length: int,
+    vocab_size: int,
+    *,
+    tfds_name: str | None = None,
+    text_dir: str | os.PathLike | None = None,
+    eval_split: str = "validation",
+    tokenizer_path: str | os.PathLike | None = None,
+    max_documents: int | None = None,
+) -> PackedCorpus:
     """Packed rows of a tfds text dataset by name (downloaded if needed), of local text files
     (`text_dir`/train/*.txt and `text_dir`/<eval_split>/*.txt), or else of the shipped
     Shakespeare, at most `max_documents` documents a split. The tokenizer is loaded from
@@ -281,8 +327,9 @@ def prepare_corpus(data_dir: str | os.PathLike, length: int, vocab_size: int, *,
     if tfds_name is None and text_dir is None:
         if eval_split != "validation":
             raise ValueError(f"the shipped Shakespeare has the splits train and validation, not {eval_split!r}")
-        return prepare_shakespeare(data_dir, length, vocab_size, tokenizer_path=tokenizer_path,
-                                   max_documents=max_documents)
+        return prepare_shakespeare(
+            data_dir, length, vocab_size, tokenizer_path=tokenizer_path, max_documents=max_documents
+        )
     tokenizer = None if tokenizer_path is None else Tokenizer.load(tokenizer_path)  # a bad path fails first
     data_dir = epath.Path(data_dir)
     if text_dir is not None:
@@ -295,8 +342,16 @@ def prepare_corpus(data_dir: str | os.PathLike, length: int, vocab_size: int, *,
     return _pack(documents, eval_split, tokenizer, data_dir / "tokenizers", name, vocab_size, length, max_documents)
 
 
-def _pack(documents: Callable[[str], Iterable[str]], eval_split: str, tokenizer: Tokenizer | None,
-          cache_dir: epath.Path, name: str, vocab_size: int, length: int, max_documents: int | None) -> PackedCorpus:
+def _pack(
+    documents: Callable[[str], Iterable[str]],
+    eval_split: str,
+    tokenizer: Tokenizer | None,
+    cache_dir: epath.Path,
+    name: str,
+    vocab_size: int,
+    length: int,
+    max_documents: int | None,
+) -> PackedCorpus:
     """Read train and `eval_split` (at most `max_documents` each), train a tokenizer unless given one, pack both."""
     train = list(itertools.islice(documents("train"), max_documents))
     held_out = list(itertools.islice(documents(eval_split), max_documents))
@@ -311,5 +366,7 @@ def check_token_ids(rows: np.ndarray, vocab_size: int, name: str) -> None:
     if rows.size:
         low, high = int(rows.min()), int(rows.max())
         if low < 0 or high >= vocab_size:
-            raise ValueError(f"the {name} rows hold token ids in [{low}, {high}], outside [0, {vocab_size}): "
-                             f"the tokenizer and the model's vocab_size={vocab_size} disagree")
+            raise ValueError(
+                f"the {name} rows hold token ids in [{low}, {high}], outside [0, {vocab_size}): "
+                f"the tokenizer and the model's vocab_size={vocab_size} disagree"
+            )

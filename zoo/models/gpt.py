@@ -57,9 +57,7 @@ class GPTConfig:
     def __post_init__(self):
         check_block_config(self)
         if not self.attention_pattern or any(kind not in ATTENTION_KINDS for kind in self.attention_pattern):
-            raise ValueError(
-                f"attention_pattern={self.attention_pattern!r}: a non-empty tuple of {ATTENTION_KINDS}"
-            )
+            raise ValueError(f"attention_pattern={self.attention_pattern!r}: a non-empty tuple of {ATTENTION_KINDS}")
         if self.num_layers % len(self.attention_pattern):
             raise ValueError(
                 f"num_layers={self.num_layers} is not a multiple of the attention_pattern "
@@ -150,6 +148,4 @@ class GPT(nn.Module):
             ids = np.asarray(tokens)
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= cfg.vocab_size:
-                raise ValueError(
-                    f"token ids must be in [0, vocab_size={cfg.vocab_size}), got ids in [{low}, {high}]"
-                )
+                raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got ids in [{low}, {high}]")

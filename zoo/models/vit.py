@@ -104,7 +104,9 @@ class ViT(nn.Module):
             cls = self.param("cls", zeros_init((None, None, "embed")), (1, 1, cfg.d_model), cfg.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.d_model)), x], axis=1)
         pos_embed = self.param(
-            "pos_embed", dense_init(cfg.init_std, (None, None, "embed")), (1, cfg.num_positions, cfg.d_model),
+            "pos_embed",
+            dense_init(cfg.init_std, (None, None, "embed")),
+            (1, cfg.num_positions, cfg.d_model),
             cfg.param_dtype,
         )
         x = nn.Dropout(cfg.dropout)(x + pos_embed.astype(x.dtype), deterministic=deterministic)

@@ -4,5 +4,11 @@ from zoo.nn.dot_product_attention import attention, banded_attention, choose_imp
 from zoo.nn.transformer import MLP, Block, SelfAttention
 
 __all__ = [
-    "MLP", "Block", "SelfAttention", "attention", "banded_attention", "choose_implementation", "dense_attention",
+    "MLP",
+    "Block",
+    "SelfAttention",
+    "attention",
+    "banded_attention",
+    "choose_implementation",
+    "dense_attention",
 ]

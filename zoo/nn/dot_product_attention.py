@@ -54,8 +54,15 @@ def attention(
     return fn(q, k, v, causal=causal, window=window, key_mask=key_mask)
 
 
-def _check_arguments(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, window: int | None,
-                     key_mask: jax.Array | None, implementation: str) -> None:
+def _check_arguments(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    causal: bool,
+    window: int | None,
+    key_mask: jax.Array | None,
+    implementation: str,
+) -> None:
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
             f"expected q [B, T, H, D] and k, v [B, S, H, D] with matching B, H, D; "
@@ -105,8 +112,9 @@ def unsupported_reason(
         checks = {
             f"cuDNN runs on GPUs, the target is {platform!r}": platform == "gpu",
             f"cuDNN needs bfloat16 or float16, got {q.dtype}": q.dtype in (jnp.bfloat16, jnp.float16),
-            f"cuDNN needs a head dim that is a multiple of 8 and at most {max_head_dim}, got {head_dim}":
-                head_dim % 8 == 0 and head_dim <= max_head_dim,
+            f"cuDNN needs a head dim that is a multiple of 8 and at most {max_head_dim}, got {head_dim}": head_dim % 8
+            == 0
+            and head_dim <= max_head_dim,
             "cuDNN here takes no key mask": key_mask is None,
         }
     elif implementation == "splash":
@@ -117,8 +125,8 @@ def unsupported_reason(
             f"splash needs a length that is a multiple of 128, got {q.shape[1]}": q.shape[1] % 128 == 0,
             # A Pallas kernel in a program over several devices must be told their mesh (jax.set_mesh,
             # as zoo.sharding.sharding_context does) to run on each one's shard.
-            f"splash outside a mesh runs on one device, and there are {jax.device_count()}":
-                not _outside_a_mesh() or jax.device_count() == 1,
+            f"splash outside a mesh runs on one device, and there are {jax.device_count()}": not _outside_a_mesh()
+            or jax.device_count() == 1,
         }
     else:
         return f"unknown implementation {implementation!r}"
@@ -182,8 +190,15 @@ def _softmax_weighted_sum(logits: jax.Array, allowed: jax.Array, v_strip: jax.Ar
     return jnp.einsum(spec, probs, v_strip)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, window: int | None = None,
-                    key_mask: jax.Array | None = None) -> jax.Array:
+def dense_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    key_mask: jax.Array | None = None,
+) -> jax.Array:
     """Reference: materialises all T x S logits in float32 and masks them. O(T·S) memory."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * _scale(q)
     allowed = _allowed(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]), causal, window)
@@ -192,8 +207,15 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     return _softmax_weighted_sum(logits, allowed, v, "bhqk,bkhd->bqhd")
 
 
-def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, window: int | None = None,
-                     key_mask: jax.Array | None = None) -> jax.Array:
+def banded_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    key_mask: jax.Array | None = None,
+) -> jax.Array:
     """Exact causal local attention in O(T·w) compute and memory.
 
     The sequence is cut into blocks of b = w positions (padded up to a multiple of b). A query
@@ -234,8 +256,16 @@ def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     return out.reshape(batch, num_blocks * block, heads, head_dim)[:, :length]
 
 
-def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, window: int | None = None,
-                   key_mask: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
+def _xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    key_mask: jax.Array | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
     """`jax.nn.dot_product_attention`; `is_causal` is always passed with a window (SPEC.md)."""
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return jax.nn.dot_product_attention(
@@ -249,8 +279,16 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = T
     )
 
 
-def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, window: int | None = None,
-                      key_mask: jax.Array | None = None, interpret: bool = False) -> jax.Array:
+def _splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    key_mask: jax.Array | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """TPU Pallas splash attention, run on each device's shard of the batch and heads."""
     del causal, key_mask  # checked by `supports`: causal, no key mask
     kernel = functools.partial(_splash_kernel, window=window, interpret=interpret)
@@ -294,13 +332,21 @@ def _splash_kernel(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int | No
         mask = mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0)
     block = next(b for b in (512, 256, 128) if length % b == 0)
     sizes = kernel_lib.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block,
-        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-        block_q_dq=block, block_kv_dq=block,
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
     )
     kernel = kernel_lib.make_splash_mha(
-        mask_lib.MultiHeadMask([mask] * heads), block_sizes=sizes,
-        head_shards=1, q_seq_shards=1, interpret=interpret,
+        mask_lib.MultiHeadMask([mask] * heads),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
     )
     to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)
     out = jax.vmap(kernel)(to_heads_first(q * _scale(q)), to_heads_first(k), to_heads_first(v))

@@ -114,9 +114,7 @@ class SelfAttention(nn.Module):
         qkv = Projection(
             (3, cfg.num_heads, head_dim), ("embed",), (None, "heads", "head_dim"), cfg.init_std, **common, name="qkv"
         )(x)
-        q, k, v = (
-            nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3)
-        )
+        q, k, v = (nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3))
         out = attention(
             q, k, v, causal=self.causal, window=self.window, key_mask=key_mask, implementation=cfg.attention_impl
         )

@@ -12,6 +12,14 @@ from zoo.train.steps import (
 )
 
 __all__ = [
-    "LoopConfig", "Task", "adamw", "classification_loss", "eval_step_fn", "learning_rate", "next_token_loss", "train",
-    "train_state", "train_step_fn",
+    "LoopConfig",
+    "Task",
+    "adamw",
+    "classification_loss",
+    "eval_step_fn",
+    "learning_rate",
+    "next_token_loss",
+    "train",
+    "train_state",
+    "train_step_fn",
 ]

@@ -85,8 +85,16 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         """Refuse settings that would train backwards or divide by zero, naming the field."""
-        least = {"steps": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "keep_checkpoints": 1,
-                 "accumulation_steps": 1, "prefetch": 0, "max_bad_steps": 1}
+        least = {
+            "steps": 1,
+            "log_every": 1,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "keep_checkpoints": 1,
+            "accumulation_steps": 1,
+            "prefetch": 0,
+            "max_bad_steps": 1,
+        }
         for name, minimum in least.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be >= {minimum}")
@@ -96,8 +104,9 @@ def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def state_shardings(task: Task, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rng: jax.Array) -> tuple[Any, Any, Callable[[jax.Array], Any]]:
+def state_shardings(
+    task: Task, optimizer: optax.GradientTransformation, mesh: Mesh, rng: jax.Array
+) -> tuple[Any, Any, Callable[[jax.Array], Any]]:
     """(abstract state with shardings, the shardings, the params' init function) of the
     train state {params, opt_state, step, rng}."""
     init_params = lambda key: task.model.init(key, task.example_input)["params"]
@@ -122,8 +131,9 @@ def state_shardings(task: Task, optimizer: optax.GradientTransformation, mesh: M
     return with_shardings, shardings, init_params
 
 
-def initial_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, shardings: Any,
-                  rng: jax.Array) -> dict:
+def initial_state(
+    init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, shardings: Any, rng: jax.Array
+) -> dict:
     """A fresh state built directly in its shardings: no array is ever whole on one device."""
 
     init = lambda key: train_state(nn.unbox(init_params(key)), optimizer, key)
@@ -154,8 +164,9 @@ def train(
     optimizer = skipping_non_finite(optimizer)
     rng = jax.random.key(loop.seed)
     abstract, shardings, init_params = state_shardings(task, optimizer, mesh, rng)
-    with Checkpointer(workdir / "checkpoints", save_every=loop.checkpoint_every,
-                      keep=loop.keep_checkpoints) as checkpointer:
+    with Checkpointer(
+        workdir / "checkpoints", save_every=loop.checkpoint_every, keep=loop.keep_checkpoints
+    ) as checkpointer:
         if checkpointer.latest_step() is not None:
             _check_same_run(workdir, config)
         restored = checkpointer.restore(abstract)
@@ -166,8 +177,11 @@ def train(
             state = restored[0]
         start = int(jax.device_get(state["step"]))
         if start >= loop.steps:
-            _say(lead, f"{workdir} holds step {start}, at or past steps={loop.steps}: nothing trained, "
-                       f"evaluated or written (ask for more steps to continue)")
+            _say(
+                lead,
+                f"{workdir} holds step {start}, at or past steps={loop.steps}: nothing trained, "
+                f"evaluated or written (ask for more steps to continue)",
+            )
             return {"start_step": start, "state": state}
         if restored is not None:
             _say(lead, f"resuming {workdir} at step {start} (of {loop.steps})")
@@ -177,19 +191,33 @@ def train(
         return _run(task, optimizer, mesh, workdir, loop, config, checkpointer, state, shardings, start)
 
 
-def _run(task: Task, optimizer: optax.GradientTransformation, mesh: Mesh, workdir: epath.Path, loop: LoopConfig,
-         config: dict, checkpointer: Checkpointer, state: dict, shardings: Any, start: int) -> dict:
+def _run(
+    task: Task,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    workdir: epath.Path,
+    loop: LoopConfig,
+    config: dict,
+    checkpointer: Checkpointer,
+    state: dict,
+    shardings: Any,
+    start: int,
+) -> dict:
     """The steps from `start` to `loop.steps`, then the final checkpoint and evaluation."""
     lead = jax.process_index() == 0
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = sharding.jit_sharded(
-        _guarded(train_step_fn(task.model, optimizer, task.loss_fn, loop.accumulation_steps)), mesh,
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, _replicated(mesh)),
+        _guarded(train_step_fn(task.model, optimizer, task.loss_fn, loop.accumulation_steps)),
+        mesh,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, _replicated(mesh)),
         donate_argnums=(0,),
     )
     eval_step = sharding.jit_sharded(
-        eval_step_fn(task.model, task.loss_fn), mesh,
-        in_shardings=(shardings["params"], batch_sharding), out_shardings=_replicated(mesh),
+        eval_step_fn(task.model, task.loss_fn),
+        mesh,
+        in_shardings=(shardings["params"], batch_sharding),
+        out_shardings=_replicated(mesh),
     )
     health = jax.jit(_health)
     writer = MetricsWriter(workdir, enabled=lead)
@@ -206,16 +234,21 @@ def _run(task: Task, optimizer: optax.GradientTransformation, mesh: Mesh, workdi
             return
         finite, streak = jax.device_get(health(state))
         if not finite:
-            raise FloatingPointError(f"step {step}: the train state holds NaN or Inf; not checkpointed "
-                                     f"(the last checkpoint in {checkpointer.directory} is step {saved_at})")
+            raise FloatingPointError(
+                f"step {step}: the train state holds NaN or Inf; not checkpointed "
+                f"(the last checkpoint in {checkpointer.directory} is step {saved_at})"
+            )
         _check_streak(int(streak), step, loop.max_bad_steps, checkpointer, saved_at)
         if checkpointer.save(step, state, {"step": step, "seed": loop.seed}, config, force=True):
             saved_at = step
 
     try:
-        with (PreemptionGuard(sync_every=loop.log_every) as guard,  # polled across processes when we log anyway
-              Prefetcher(lambda step: sharding.shard_batch(task.train_batch(step), mesh), start, loop.steps,
-                         loop.prefetch) as batches):
+        with (
+            PreemptionGuard(sync_every=loop.log_every) as guard,  # polled across processes when we log anyway
+            Prefetcher(
+                lambda step: sharding.shard_batch(task.train_batch(step), mesh), start, loop.steps, loop.prefetch
+            ) as batches,
+        ):
             for step in range(start, loop.steps):
                 state, metrics = train_step(state, next(batches))
                 pending.append(metrics)  # fetched only when logged: no host sync per step
@@ -229,8 +262,9 @@ def _run(task: Task, optimizer: optax.GradientTransformation, mesh: Mesh, workdi
                     summary.update(logged)
                     bar.update(done - bar.n)  # the steps that completed, not the ones dispatched
                     bar.set_postfix(loss=f"{logged['loss']:.3f}", skipped=int(logged["skipped_total"]))
-                    _check_streak(max(int(m["bad_streak"]) for m in fetched), done, loop.max_bad_steps,
-                                  checkpointer, saved_at)
+                    _check_streak(
+                        max(int(m["bad_streak"]) for m in fetched), done, loop.max_bad_steps, checkpointer, saved_at
+                    )
                 if loop.eval_every and done % loop.eval_every == 0 and done < loop.steps:
                     summary.update(_evaluate(task, eval_step, state["params"], mesh, writer, done))
                 save(done)
@@ -261,8 +295,12 @@ def _guarded(step_fn: Callable) -> Callable:
     def step(state: dict, batch: Any) -> tuple[dict, dict]:
         state, metrics = step_fn(state, batch)
         guard = state["opt_state"]
-        return state, {**metrics, "skipped": ~guard.last_finite, "bad_streak": guard.notfinite_count,
-                       "skipped_total": guard.total_notfinite}
+        return state, {
+            **metrics,
+            "skipped": ~guard.last_finite,
+            "bad_streak": guard.notfinite_count,
+            "skipped_total": guard.total_notfinite,
+        }
 
     return step
 
@@ -288,8 +326,11 @@ def _window(metrics: list[dict]) -> dict[str, float]:
     """The log window's metrics: each averaged over the steps that updated the params (NaN if none
     did), the number of skipped steps in the window, and in the run so far."""
     kept = [m for m in metrics if not m["skipped"]]
-    means = {key: float(np.mean([m[key] for m in kept])) if kept else float("nan")
-             for key in metrics[0] if key not in _GUARD_KEYS}
+    means = {
+        key: float(np.mean([m[key] for m in kept])) if kept else float("nan")
+        for key in metrics[0]
+        if key not in _GUARD_KEYS
+    }
     return {**means, "skipped": float(len(metrics) - len(kept)), "skipped_total": float(metrics[-1]["skipped_total"])}
 
 
@@ -327,11 +368,17 @@ def _check_same_run(workdir: epath.Path, config: dict) -> None:
     differences = []
     for section in FIXED_SECTIONS:
         old, new = _flat(saved.get(section, {})), _flat(config.get(section, {}))
-        differences += [f"{key}={old[key]!r}; this command asks {new[key]!r}"
-                        for key in old.keys() & new.keys() if old[key] != new[key]]
+        differences += [
+            f"{key}={old[key]!r}; this command asks {new[key]!r}"
+            for key in old.keys() & new.keys()
+            if old[key] != new[key]
+        ]
     if differences:
-        raise ValueError(f"{workdir} holds " + ", and ".join(sorted(differences))
-                         + ": use another --workdir (or the saved run's settings) to train this one")
+        raise ValueError(
+            f"{workdir} holds "
+            + ", and ".join(sorted(differences))
+            + ": use another --workdir (or the saved run's settings) to train this one"
+        )
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

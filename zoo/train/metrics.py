@@ -45,8 +45,9 @@ def gpt_flops_per_token(cfg: GPTConfig) -> float:
 
 def gpt_attention_flops_per_token(cfg: GPTConfig) -> float:
     """The attention logits and values' share of `gpt_flops_per_token`."""
-    keys = [cfg.context_length if kind == "dense" else min(cfg.window, cfg.context_length)
-            for kind in cfg.attention_pattern]
+    keys = [
+        cfg.context_length if kind == "dense" else min(cfg.window, cfg.context_length) for kind in cfg.attention_pattern
+    ]
     return 12 * cfg.d_model * sum(keys) * cfg.num_layers / len(keys)
 
 

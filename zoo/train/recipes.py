@@ -23,8 +23,12 @@ from zoo.configs import GPT3_TRAINING
 
 DECAYED_NAMES = frozenset({"kernel", "embedding"})  # the last key of a decayed parameter's path
 GPT3_WARMUP_TOKENS, GPT3_DECAY_TOKENS = 375e6, 260e9  # Brown et al., 2020, section 2.3 and appendix B
-GPT2_AS_GPT3 = {"gpt2-small": "gpt3-small", "gpt2-medium": "gpt3-medium", "gpt2-large": "gpt3-large",
-                "gpt2-xl": "gpt3-xl"}  # the GPT-3 size of about the same parameter count
+GPT2_AS_GPT3 = {
+    "gpt2-small": "gpt3-small",
+    "gpt2-medium": "gpt3-medium",
+    "gpt2-large": "gpt3-large",
+    "gpt2-xl": "gpt3-xl",
+}  # the GPT-3 size of about the same parameter count
 VIT_BATCH = 4096  # the ViT paper's batch, at which its learning rates hold
 
 
@@ -45,13 +49,16 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if not 0 <= self.warmup_steps < self.decay_steps:
-            raise ValueError(f"the schedule needs 0 <= warm-up < decay horizon, got warm-up {self.warmup_steps} "
-                             f"and decay horizon {self.decay_steps} steps (set --warmup or --decay-steps)")
+            raise ValueError(
+                f"the schedule needs 0 <= warm-up < decay horizon, got warm-up {self.warmup_steps} "
+                f"and decay horizon {self.decay_steps} steps (set --warmup or --decay-steps)"
+            )
 
     def schedule(self) -> optax.Schedule:
         """The learning rate at each step."""
-        return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, self.warmup_steps, self.decay_steps,
-                                                  self.learning_rate * self.final_lr_fraction)
+        return optax.warmup_cosine_decay_schedule(
+            0.0, self.learning_rate, self.warmup_steps, self.decay_steps, self.learning_rate * self.final_lr_fraction
+        )
 
 
 PRESETS = ("gpt1", *GPT2_AS_GPT3, *GPT3_TRAINING, "vit-imagenet")
@@ -64,25 +71,44 @@ def recipe(name: str, *, batch: int, steps: int, context_length: int | None = No
         if context_length is None:
             raise ValueError(f"{name}'s schedule is in tokens: give context_length")
         tokens = batch * context_length
-        return Recipe(GPT3_TRAINING[name].learning_rate, round(GPT3_WARMUP_TOKENS / tokens),
-                      round(GPT3_DECAY_TOKENS / tokens), final_lr_fraction=0.1, weight_decay=0.1, betas=(0.9, 0.95))
+        return Recipe(
+            GPT3_TRAINING[name].learning_rate,
+            round(GPT3_WARMUP_TOKENS / tokens),
+            round(GPT3_DECAY_TOKENS / tokens),
+            final_lr_fraction=0.1,
+            weight_decay=0.1,
+            betas=(0.9, 0.95),
+        )
     if name in GPT2_AS_GPT3:
         # The GPT-2 paper gives no recipe (its learning rates were tuned, unpublished). Ours is the
         # GPT-2 reproductions' (nanoGPT): GPT-3's optimizer and the same-size GPT-3 learning rate,
         # 2,000 warm-up steps, cosine to 10% at the end of the run.
-        return Recipe(GPT3_TRAINING[GPT2_AS_GPT3[name]].learning_rate, 2000, _run_length(steps, 2000),
-                      final_lr_fraction=0.1, weight_decay=0.1, betas=(0.9, 0.95))
+        return Recipe(
+            GPT3_TRAINING[GPT2_AS_GPT3[name]].learning_rate,
+            2000,
+            _run_length(steps, 2000),
+            final_lr_fraction=0.1,
+            weight_decay=0.1,
+            betas=(0.9, 0.95),
+        )
     if name == "gpt1":
         # Radford et al., 2018: Adam 2.5e-4, 2,000 warm-up steps, cosine to 0, weight decay 0.01;
         # betas, eps and clipping from the released code (finetune-transformer-lm).
-        return Recipe(2.5e-4, 2000, _run_length(steps, 2000), final_lr_fraction=0.0, weight_decay=0.01,
-                      betas=(0.9, 0.999))
+        return Recipe(
+            2.5e-4, 2000, _run_length(steps, 2000), final_lr_fraction=0.0, weight_decay=0.01, betas=(0.9, 0.999)
+        )
     if name == "vit-imagenet":
         # Dosovitskiy et al., 2020, Table 3 (ViT on ImageNet from scratch): Adam (0.9, 0.999),
         # 3e-3 at batch 4096 (ours: scaled linearly with the batch), 10k warm-up steps, cosine to 0,
         # weight decay 0.3, clipping at global norm 1.
-        return Recipe(3e-3 * batch / VIT_BATCH, 10_000, _run_length(steps, 10_000), final_lr_fraction=0.0,
-                      weight_decay=0.3, betas=(0.9, 0.999))
+        return Recipe(
+            3e-3 * batch / VIT_BATCH,
+            10_000,
+            _run_length(steps, 10_000),
+            final_lr_fraction=0.0,
+            weight_decay=0.3,
+            betas=(0.9, 0.999),
+        )
     raise ValueError(f"unknown recipe {name!r}; the recipes: {', '.join(PRESETS)}")
 
 
@@ -115,7 +141,11 @@ def optimizer(recipe: Recipe) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(recipe.clip_norm),
         optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-            learning_rate=recipe.schedule(), b1=recipe.betas[0], b2=recipe.betas[1], eps=recipe.eps,
-            weight_decay=recipe.weight_decay, mask=decayed,
+            learning_rate=recipe.schedule(),
+            b1=recipe.betas[0],
+            b2=recipe.betas[1],
+            eps=recipe.eps,
+            weight_decay=recipe.weight_decay,
+            mask=decayed,
         ),
     )

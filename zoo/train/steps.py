@@ -33,10 +33,18 @@ def adamw(
 ) -> optax.GradientTransformation:
     """GPT-3's optimizer with its cosine over the whole run (the horizon at `total_steps`, or one
     step past warm-up): `recipes.optimizer` of that recipe, for callers that name no preset."""
-    return recipes.optimizer(recipes.Recipe(
-        learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), final_lr_fraction, weight_decay, betas,
-        eps, clip_norm,
-    ))
+    return recipes.optimizer(
+        recipes.Recipe(
+            learning_rate,
+            warmup_steps,
+            max(total_steps, warmup_steps + 1),
+            final_lr_fraction,
+            weight_decay,
+            betas,
+            eps,
+            clip_norm,
+        )
+    )
 
 
 def learning_rate(opt_state: Any) -> jax.Array:
@@ -53,8 +61,12 @@ def classification_loss(model: nn.Module, params: Any, batch: dict, **apply_kwar
 
 def train_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
     """The state a train step carries: params, optimizer state, step 0 and the run's key data."""
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(rng)}
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(rng),
+    }
 
 
 def _losses(loss_fn: Callable, model: nn.Module, params: Any, batch: Any, **kwargs: Any) -> tuple:
@@ -68,7 +80,10 @@ def _metrics(loss: jax.Array, accuracy: jax.Array | None) -> dict:
 
 
 def train_step_fn(
-    model: nn.Module, optimizer: optax.GradientTransformation, loss_fn: Callable, accumulation_steps: int = 1,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    loss_fn: Callable,
+    accumulation_steps: int = 1,
     unroll_accumulation: bool = False,
 ) -> Callable:
     """The un-jitted `(state, batch) -> (state, metrics)` of one optimizer step, where
@@ -103,8 +118,7 @@ def train_step_fn(
         (value, accuracy), grads = compute(state["params"], batch, rng)
         grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(value), g, jnp.nan), grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        metrics = {**_metrics(value, accuracy), "grad_norm": optax.tree.norm(grads),
-                   "lr": learning_rate(opt_state)}
+        metrics = {**_metrics(value, accuracy), "grad_norm": optax.tree.norm(grads), "lr": learning_rate(opt_state)}
         new_state = {
             "params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state,
