@@ -1,7 +1,6 @@
 """The training loop, driven through the default experiment: exact resume after SIGKILL,
 a checkpoint on SIGTERM restored under another layout, two processes = one, and a run in a
-gs:// workdir (on a local fake of Google Cloud Storage). The tests that compare with the
-uninterrupted run share one pytest-xdist worker, so that run is made once."""
+gs:// workdir (on a local fake of Google Cloud Storage)."""
 
 import json
 import os
@@ -79,7 +78,6 @@ def start_and_wait_for_checkpoint(workdir, data_dir, steps, *extra):
     return process
 
 
-@pytest.mark.xdist_group("uninterrupted")
 def test_sigkill_then_rerun_gives_the_uninterrupted_losses_bit_for_bit(tmp_path, data_dir, uninterrupted):
     process = start_and_wait_for_checkpoint(tmp_path, data_dir, 12)
     process.kill()
@@ -91,7 +89,6 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses_bit_for_bit(tmp_path,
     assert "eval_loss" in (tmp_path / "metrics.jsonl").read_text() and result.returncode == 0
 
 
-@pytest.mark.xdist_group("uninterrupted")
 def test_sigterm_commits_a_checkpoint_that_resumes_under_another_layout_and_device_count(
     tmp_path, data_dir, uninterrupted
 ):
@@ -115,7 +112,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.xdist_group("uninterrupted")
 def test_two_processes_train_like_one(tmp_path, data_dir, uninterrupted):
     """Two JAX processes of 4 CPU devices each over loopback (gloo) = one process of 8."""
     cluster = ["--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
