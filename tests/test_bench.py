@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from subprocess_env import cpu_environment
 
 from zoo import bench, configs, sharding
 
@@ -317,18 +318,12 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def run(*args: str) -> str:
-    env = {
-        "JAX_PLATFORMS": "cpu",
-        "PATH": "",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-    }  # AOT compiles touch no TPU: tolerate another libtpu user
     result = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "bench_sharding.py"), *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
+        env=cpu_environment(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

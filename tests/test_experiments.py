@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+from subprocess_env import cpu_environment
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -15,7 +17,7 @@ def run(script: str, *args: str) -> str:
         capture_output=True,
         text=True,
         timeout=300,
-        env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+        env=cpu_environment(devices=1),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -71,7 +73,7 @@ def test_every_help_exits_0_names_the_flags_users_need_and_needs_no_extra():
         capture_output=True,
         text=True,
         timeout=300,
-        env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+        env=cpu_environment(devices=1),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     helps = json.loads(result.stdout.splitlines()[-1])

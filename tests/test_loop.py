@@ -3,7 +3,6 @@ a checkpoint on SIGTERM restored under another layout, two processes = one, and 
 gs:// workdir (on a local fake of Google Cloud Storage)."""
 
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -15,6 +14,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from filelock import FileLock
+from subprocess_env import cpu_environment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = [
@@ -29,14 +30,9 @@ def command(workdir, data_dir, steps, *extra):
     return [sys.executable, str(ROOT / "experiments" / "default.py"), *dirs, "--steps", str(steps), *TINY, *extra]
 
 
-def environment(devices=8):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-
 def run(*args, devices=8, **kwargs):
     result = subprocess.run(
-        command(*args, **kwargs), env=environment(devices), capture_output=True, text=True, timeout=600
+        command(*args, **kwargs), env=cpu_environment(devices), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -53,22 +49,34 @@ def committed_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit()) if folder.exists() else []
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory, worker_id) -> tuple[pathlib.Path, dict[int, float]]:
+    """(data folder, losses by step) of an uninterrupted 12-step run, made once per test session:
+    pytest-xdist's workers share them through their common temporary folder, under a lock. The run
+    builds the folder's corpus and tokenizer caches, which the tests' runs then only read."""
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    data_dir, record = root / "loop-data", root / "uninterrupted.json"
+    with FileLock(root / "uninterrupted.lock"):
+        if not record.exists():
+            run(root / "uninterrupted", data_dir, 12)
+            record.write_text(json.dumps(losses(root / "uninterrupted")))
+    return data_dir, {int(step): loss for step, loss in json.loads(record.read_text()).items()}
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    run(workdir, data_dir, 12)
-    return losses(workdir)
+@pytest.fixture
+def data_dir(shared_run):
+    return shared_run[0]
+
+
+@pytest.fixture
+def uninterrupted(shared_run):
+    return shared_run[1]
 
 
 def start_and_wait_for_checkpoint(workdir, data_dir, steps, *extra):
     process = subprocess.Popen(
         command(workdir, data_dir, steps, *extra),
-        env=environment(),
+        env=cpu_environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -118,7 +126,7 @@ def test_two_processes_train_like_one(tmp_path, data_dir, uninterrupted):
     processes = [
         subprocess.Popen(
             command(tmp_path, data_dir, 12, *cluster, "--process-id", str(i)),
-            env=environment(devices=4),
+            env=cpu_environment(devices=4),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -173,7 +181,7 @@ def gcs_environment(url: str) -> dict[str, str]:
     """A run's environment with epath's gs:// backend (gcsfs) and orbax's (tensorstore) both
     pointed at the fake, and no lookup of Google credentials (it asks the GCE metadata server)."""
     return {
-        **environment(),
+        **cpu_environment(),
         "STORAGE_EMULATOR_HOST": url,
         "TENSORSTORE_GCS_HTTP_URL": url,
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",

@@ -8,19 +8,19 @@ import subprocess
 import sys
 
 import pytest
+from subprocess_env import cpu_environment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = "--set num_layers=1 --set d_model=32 --set num_heads=2 --set d_ff=64".split()
 
 
 def run(script: str, *args: str, check: bool = True, devices: int = 1) -> subprocess.CompletedProcess:
-    env = {"JAX_PLATFORMS": "cpu", "PATH": "", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
+        env=cpu_environment(devices),
     )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -95,13 +96,11 @@ class MetricsWriter:
         self.workdir = epath.Path(workdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         if self.enabled:
-            from tensorboardX import SummaryWriter
-
             (self.workdir / "tensorboard").mkdir(parents=True, exist_ok=True)
             self._jsonl = self.workdir / "metrics.jsonl"
             self._records = self._jsonl.read_text() if self._jsonl.exists() else ""
             self._events = tempfile.TemporaryDirectory(prefix="zoo-tensorboard-")
-            self._tensorboard = SummaryWriter(self._events.name)
+            self._tensorboard = _summary_writer()(self._events.name)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Record scalar metrics at a step."""
@@ -152,3 +151,19 @@ class MetricsWriter:
         fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
         (self.workdir / "loss.png").write_bytes(png.getvalue())
+
+
+def _summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch where it is
+    installed (2.5 s of every run's start-up) only to accept torch tensors, which the zoo never logs.
+    A None in sys.modules makes `import torch` fail for that import alone."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
