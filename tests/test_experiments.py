@@ -8,6 +8,8 @@ import sys
 
 from subprocess_env import cpu_environment
 
+from zoo.data.text import prepare_corpus
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -37,6 +39,7 @@ FLAGS_USERS_NEED = {
     "vit_fashion_mnist.py": (*TRAINING, "--data", "--download", "--synthetic", "ZOO_DATA_DIR"),
     "vit_b16_imagenet.py": (*TRAINING, "--data-dir", "--mock"),
     "bench_attention.py": ("--lengths", "--windows", "--implementations", "--repeats", "--json"),
+    "prepare_text.py": ("--tfds", "--text-dir", "--tokenizer", "--workers", "--data-dir"),
     "bench_input.py": ("--experiments", "--steps", "--prefetch", "--synthetic", "--json"),
     "bench_sharding.py": ("--preset", "--layouts", "--batch", "--chip", "--topology", "--json"),
     "bench_vs_pytorch.py": ("--batch", "--steps", "--set", "--torch-compile", "--json", 'pip install -e ".[interop]"'),
@@ -110,6 +113,15 @@ def test_gpt3_experiment_runs_any_preset_scaled_down(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["dtype"] == "bfloat16" and config["model"]["attention_pattern"] == ["dense", "banded"]
     assert config["model"]["vocab_size"] == 512 and config["args"]["preset"] == "gpt3-medium"
+
+
+def test_a_corpus_prepared_ahead_is_found_ready_by_training(tmp_path, capfd):
+    out = run("prepare_text.py", "--vocab-size", "512", "--workers", "2", "--data-dir", str(tmp_path))
+    assert "token store" in out and "training and" in out
+    capfd.readouterr()
+    corpus = prepare_corpus(tmp_path, 32, 512)
+    assert str(corpus.train.folder.parent) in out
+    assert "tokenizing" not in capfd.readouterr().err  # nothing built again
 
 
 def test_attention_benchmark_prints_a_table(tmp_path):

@@ -225,8 +225,8 @@ def eval_batch(args: argparse.Namespace, mesh: Mesh, rows: int) -> int:
 TEXT_DATA_FLAGS = ("tfds", "text_dir", "eval_split", "tokenizer", "vocab_size", "max_documents", "batch", "seed")
 
 
-def add_text_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: str = "runs/data") -> None:
-    """Flags of the language-model experiments: where the text comes from, the tokenizer, sampling."""
+def add_corpus_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: str = "runs/data") -> None:
+    """Flags naming a corpus, its tokenizer, and the folder of its caches (tfds build, tokenizer, token store)."""
     p.add_argument("--tfds", metavar="NAME", help="a tfds text dataset by name, e.g. lm1b (downloads if needed)")
     p.add_argument(
         "--text-dir",
@@ -255,8 +255,19 @@ def add_text_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: str
         "--data-dir",
         type=epath.Path,
         default=epath.Path(data_dir),
-        help=f"cache of tfds builds and tokenizers, each keyed by what made it (default {data_dir})",
+        help=f"cache of tfds builds, tokenizers and token stores, each keyed by what made it (default {data_dir})",
     )
+    p.add_argument(
+        "--workers",
+        type=positive,
+        default=1,
+        help="processes tokenizing the corpus into its token store, the first time (default 1)",
+    )
+
+
+def add_text_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: str = "runs/data") -> None:
+    """Flags of the language-model experiments: where the text comes from, the tokenizer, sampling."""
+    add_corpus_flags(p, vocab_size=vocab_size, data_dir=data_dir)
     p.add_argument(
         "--eval-batches",
         type=non_negative,
@@ -291,6 +302,7 @@ def run_language_model(args: argparse.Namespace, cfg: GPTConfig, recipe: str, **
             eval_split=args.eval_split,
             tokenizer_path=args.tokenizer,
             max_documents=args.max_documents,
+            workers=args.workers,
         )
     )
     if not any(item.startswith("vocab_size=") for item in args.set):

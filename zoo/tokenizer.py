@@ -17,6 +17,7 @@ every "▁" back to a space, so a literal "▁" in the text is encoded as its th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -78,6 +79,15 @@ class Tokenizer:
             return cls(spm.SentencePieceProcessor(model_proto=path.read_bytes()))
         except (RuntimeError, ValueError) as error:  # RuntimeError: sentencepiece cannot parse the file
             raise ValueError(f"{path} is not a sentencepiece model this tokenizer can use ({error})") from error
+
+    def serialized(self) -> bytes:
+        """The sentencepiece model file's bytes."""
+        return self._sp.serialized_model_proto()
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of the model file: what a token store is keyed by."""
+        return fingerprint([self.serialized()])
 
     @property
     def vocab_size(self) -> int:

@@ -18,7 +18,7 @@ import itertools
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,10 +26,12 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from zoo.data import shakespeare
+from zoo.data.store import TokenRows, build_store
 from zoo.paths import absolute
 from zoo.tokenizer import Tokenizer, cached_tokenizer, fingerprint
 
 READ_CHUNK = 1024  # records per data-source read
+TOKENIZER_SAMPLE_BYTES = 200_000_000  # text a tokenizer learns from, at most (about)
 
 HASH_SHUFFLE, HASH_AUGMENT = 0, 1  # first hash key: shuffling and augmentation draw independent numbers
 
@@ -255,22 +257,48 @@ def source_texts(source: Any, text_key: str = "text") -> Iterator[str]:
         yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
 
+def tfds_builder(name: str, data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
+    """The prepared builder of any tfds text dataset by name (e.g. "tiny_shakespeare", "lm1b"),
+    downloaded and prepared (as array_record, for reads by index) if needed."""
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    return builder
+
+
 def tfds_documents(
-    name: str, split: str, data_dir: str | os.PathLike | None = None, text_key: str = "text", download: bool = True
+    name: str, split: str, data_dir: str | os.PathLike | None = None, text_key: str = "text"
 ) -> Iterator[str]:
-    """Documents of any tfds text dataset by name (e.g. "tiny_shakespeare", "lm1b"), downloaded if needed."""
-    source = tfds.data_source(
-        name, split=split, data_dir=data_dir, download=download, builder_kwargs={"file_format": "array_record"}
-    )
-    return source_texts(source, text_key)
+    """Documents of any tfds text dataset by name, downloaded if needed."""
+    return source_texts(tfds_builder(name, data_dir).as_data_source(split), text_key)
+
+
+def tokenizer_sample(
+    source: Any, max_bytes: int, seed: int = 0, text_key: str = "text", documents: int | None = None
+) -> list[str]:
+    """The texts of a fixed, seeded sample of a data source's documents (of its first `documents`),
+    at most about `max_bytes` of them, in index order: what a tokenizer learns from, the same on
+    every host. Documents are drawn in the order `epoch_order(size, seed, 0)` until `max_bytes` are
+    read, so memory is bounded by the sample, not the corpus (sentencepiece's own input_sentence_size
+    samples only after loading every sentence). A corpus smaller than `max_bytes` is used whole."""
+    size = len(source) if documents is None else min(documents, len(source))
+    order, chosen, total = epoch_order(size, seed, 0), [], 0
+    for start in range(0, size, READ_CHUNK):
+        keys = order[start : start + READ_CHUNK]
+        for key, record in zip(keys, read_records(source, keys)):
+            text = record[text_key]
+            chosen.append((int(key), text.decode("utf-8") if isinstance(text, bytes) else str(text)))
+            total += len(chosen[-1][1].encode("utf-8"))
+            if total >= max_bytes:
+                return [text for _, text in sorted(chosen)]
+    return [text for _, text in sorted(chosen)]
 
 
 class PackedCorpus(NamedTuple):
-    """A tokenizer and the train and validation rows it packed."""
+    """A tokenizer and the train and validation rows of its token store."""
 
     tokenizer: Tokenizer
-    train: np.ndarray  # int32 [rows, length + 1]
-    validation: np.ndarray  # int32 [rows, length + 1]
+    train: TokenRows  # int32 rows [n, length + 1] by index
+    validation: TokenRows
 
 
 def prepare_shakespeare(
@@ -281,6 +309,7 @@ def prepare_shakespeare(
     *,
     tokenizer_path: str | os.PathLike | None = None,
     max_documents: int | None = None,
+    workers: int = 1,
 ) -> PackedCorpus:
     """The shipped Shakespeare as packed rows (at most `max_documents` plays a split, in name order); the
     tokenizer is loaded from `tokenizer_path`, or trained on train; the tfds build and tokenizer are cached."""
@@ -297,16 +326,7 @@ def prepare_shakespeare(
             folder.mkdir(exist_ok=True)
             (folder / f"{play}.txt").write_text(text, encoding="utf-8")
         builder = build_text_files(source, data_dir, name, ("train", "validation"))
-    return _pack(
-        lambda split: source_texts(builder.as_data_source(split)),
-        "validation",
-        tokenizer,
-        data_dir / "tokenizers",
-        name,
-        vocab_size,
-        length,
-        max_documents,
-    )
+    return _pack(builder, "validation", tokenizer, data_dir, name, vocab_size, length, max_documents, workers)
 
 
 def prepare_corpus(
@@ -319,6 +339,7 @@ def prepare_corpus(
     eval_split: str = "validation",
     tokenizer_path: str | os.PathLike | None = None,
     max_documents: int | None = None,
+    workers: int = 1,
 ) -> PackedCorpus:
     """Packed rows of a tfds text dataset by name (downloaded if needed), of local text files
     (`text_dir`/train/*.txt and `text_dir`/<eval_split>/*.txt), or else of the shipped
@@ -328,36 +349,43 @@ def prepare_corpus(
         if eval_split != "validation":
             raise ValueError(f"the shipped Shakespeare has the splits train and validation, not {eval_split!r}")
         return prepare_shakespeare(
-            data_dir, length, vocab_size, tokenizer_path=tokenizer_path, max_documents=max_documents
+            data_dir, length, vocab_size, tokenizer_path=tokenizer_path, max_documents=max_documents, workers=workers
         )
     tokenizer = None if tokenizer_path is None else Tokenizer.load(tokenizer_path)  # a bad path fails first
     data_dir = epath.Path(data_dir)
     if text_dir is not None:
         name = absolute(text_dir).name
         builder = build_text_files(text_dir, data_dir, name, ("train", eval_split))
-        documents = lambda split: source_texts(builder.as_data_source(split))
     else:
         name = tfds_name.replace("/", "-")
-        documents = lambda split: tfds_documents(tfds_name, split, data_dir)
-    return _pack(documents, eval_split, tokenizer, data_dir / "tokenizers", name, vocab_size, length, max_documents)
+        builder = tfds_builder(tfds_name, data_dir)
+    return _pack(builder, eval_split, tokenizer, data_dir, name, vocab_size, length, max_documents, workers)
 
 
 def _pack(
-    documents: Callable[[str], Iterable[str]],
+    builder: tfds.core.DatasetBuilder,
     eval_split: str,
     tokenizer: Tokenizer | None,
-    cache_dir: epath.Path,
+    data_dir: epath.Path,
     name: str,
     vocab_size: int,
     length: int,
     max_documents: int | None,
+    workers: int,
 ) -> PackedCorpus:
-    """Read train and `eval_split` (at most `max_documents` each), train a tokenizer unless given one, pack both."""
-    train = list(itertools.islice(documents("train"), max_documents))
-    held_out = list(itertools.islice(documents(eval_split), max_documents))
+    """Train a tokenizer on a bounded sample of train (its first `max_documents`) unless given one,
+    tokenize train and `eval_split` once into a token store in `data_dir`, and cut both into rows."""
     if tokenizer is None:
-        tokenizer = cached_tokenizer(train, cache_dir, name, vocab_size)
-    return PackedCorpus(tokenizer, packed_rows(tokenizer, train, length), packed_rows(tokenizer, held_out, length))
+        sample = tokenizer_sample(builder.as_data_source("train"), TOKENIZER_SAMPLE_BYTES, documents=max_documents)
+        tokenizer = cached_tokenizer(sample, data_dir / "tokenizers", name, vocab_size)
+    store = build_store(
+        builder.data_dir, ("train", eval_split), tokenizer, data_dir / "token-stores", name=name, workers=workers
+    )
+    return PackedCorpus(
+        tokenizer,
+        store.rows("train", length, max_documents),
+        store.rows(eval_split, length, max_documents),
+    )
 
 
 def check_token_ids(rows: np.ndarray, vocab_size: int, name: str) -> None:
