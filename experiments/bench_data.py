@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16], help="copies of the corpus")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, os.cpu_count()], help="preparation processes")
     parser.add_argument("--batches", type=int, default=200, help="batches read for the read rate (default 200)")
+    parser.add_argument(
+        "--documents-per-shard",
+        type=int,
+        default=4,
+        help="plays per shard (default 4: a play is ~125 KB, so shards of ~0.5 MB)",
+    )
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default 2048)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows to this JSON file")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -50,13 +56,21 @@ def peak_mb() -> dict[str, float]:
     return {"peak_mb": own, "worker_peak_mb": children}
 
 
-def child_prepare(dataset: str, tokenizer: str, root: str, workers: str) -> dict:
+def child_prepare(dataset: str, tokenizer: str, root: str, workers: str, documents_per_shard: str) -> dict:
     from zoo.data import store
     from zoo.tokenizer import Tokenizer
 
     loaded = Tokenizer.load(tokenizer)
     start = time.perf_counter()
-    built = store.build_store(dataset, ("train", "validation"), loaded, root, workers=int(workers), progress=False)
+    built = store.build_store(
+        dataset,
+        ("train", "validation"),
+        loaded,
+        root,
+        workers=int(workers),
+        documents_per_shard=int(documents_per_shard),
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     mb = sum(split["bytes"] for split in built.index["splits"].values()) / 1e6
     return {"seconds": seconds, "mb": mb, "mb_per_s": mb / seconds, **peak_mb()}
@@ -72,7 +86,8 @@ def child_read(folder: str, batches: str) -> dict:
     pipeline = text.TextPipeline(rows, ROWS, seed=0)
     pipeline.batch_at(0)
     first = time.perf_counter() - start
-    steps = np.random.default_rng(0).integers(0, 1_000_000, int(batches))
+    first_step = int(np.random.default_rng(0).integers(0, 1_000_000))
+    steps = range(first_step, first_step + int(batches))  # consecutive, as training reads them
     start = time.perf_counter()
     for step in steps:
         pipeline.batch_at(int(step))
@@ -121,7 +136,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for workers in args.workers:
                 root = work / f"store-{scale}-{workers}"
                 result = in_child(
-                    "prepare", os.fspath(builder.data_dir), f"{model}.model", os.fspath(root), str(workers)
+                    "prepare",
+                    os.fspath(builder.data_dir),
+                    f"{model}.model",
+                    os.fspath(root),
+                    str(workers),
+                    str(args.documents_per_shard),
                 )
                 rows.append({"scale": scale, "kind": "prepare", "workers": workers, **result})
                 folder = next(root.iterdir())
