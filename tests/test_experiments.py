@@ -102,27 +102,27 @@ def test_default_experiment_trains_evaluates_and_samples(tmp_path):
     assert (tmp_path / "run" / "loss.png").exists() and any((tmp_path / "run" / "tensorboard").iterdir())
 
 
-def test_gpt3_experiment_runs_any_preset_scaled_down(tmp_path):
+def test_gpt3_trains_any_preset_scaled_down_on_a_store_prepared_ahead(tmp_path, capfd):
+    prepared = ["--data-dir", str(tmp_path / "prep"), "--store-dir", str(tmp_path / "stores")]
+    out = run("prepare_text.py", "--vocab-size", "512", "--workers", "2", *prepared)
+    folder = re.search(r"--store (\S+)", out)[1]
+    capfd.readouterr()
+    again = prepare_corpus(tmp_path / "prep", 32, 512, store_dir=tmp_path / "stores")
+    assert str(again.train.folder.parent) == folder and "tokenizing" not in capfd.readouterr().err
     out = run(
         "gpt3.py",
-        *"--preset gpt3-medium --steps 2 --batch 2 --eval-batches 1 --samples 0 --vocab-size 512".split(),
+        *"--preset gpt3-medium --steps 2 --batch 2 --eval-batches 1 --samples 0 --store".split(),
+        folder,
         *dirs(tmp_path),
         *"--set num_layers=2 --set d_model=32 --set num_heads=2".split(),
         *"--set d_ff=64 --set context_length=32 --set window=8".split(),
     )
     assert "validation loss" in out
+    assert not (tmp_path / "data").exists()  # no corpus, tfds build or tokenizer was needed
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["dtype"] == "bfloat16" and config["model"]["attention_pattern"] == ["dense", "banded"]
     assert config["model"]["vocab_size"] == 512 and config["args"]["preset"] == "gpt3-medium"
-
-
-def test_a_corpus_prepared_ahead_is_found_ready_by_training(tmp_path, capfd):
-    out = run("prepare_text.py", "--vocab-size", "512", "--workers", "2", "--data-dir", str(tmp_path))
-    assert "token store" in out and "training and" in out
-    capfd.readouterr()
-    corpus = prepare_corpus(tmp_path, 32, 512)
-    assert str(corpus.train.folder.parent) in out
-    assert "tokenizing" not in capfd.readouterr().err  # nothing built again
+    assert config["data"]["store"] == folder
 
 
 def test_attention_benchmark_prints_a_table(tmp_path):

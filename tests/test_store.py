@@ -50,6 +50,7 @@ def test_rows_equal_the_in_memory_packing_of_every_split_across_shard_boundaries
         np.testing.assert_array_equal(rows[picks], expected[picks])
         np.testing.assert_array_equal(rows[3], expected[3])
         assert (rows.min(), rows.max()) == (expected.min(), expected.max())
+    assert built.tokenizer().serialized() == tokenizer.serialized()  # a store alone is enough to train on
     assert len(list((tmp_path.iterdir().__next__() / "train").glob("*.docs.npy"))) > 10  # 40 plays, 3 a shard
 
 
@@ -135,3 +136,9 @@ def test_two_processes_read_disjoint_rows_that_make_the_global_batch(shipped, tm
     halves = [text.TextPipeline(rows, 8, seed=3, process_index=p, process_count=2).batch_at(5) for p in (0, 1)]
     np.testing.assert_array_equal(np.concatenate(halves), whole)
     assert not {tuple(r) for r in halves[0]} & {tuple(r) for r in halves[1]}
+
+
+def test_shards_hold_about_32_mb_of_text_by_the_corpus_mean_document():
+    splits = {"train": {"shards": ["900", "100"], "bytes": "100000000"}, "test": {"shards": ["24"], "bytes": "2400000"}}
+    assert store.shard_documents({"splits": splits}) == 320  # 1024 documents of 100 KB: 320 make 32 MB
+    assert store.shard_documents({"splits": {"train": {"shards": ["2"], "bytes": str(10**9)}}}) == 1

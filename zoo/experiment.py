@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from zoo import configs, sharding, tasks
 from zoo.data.images import ArrayExamples, ImagePipeline, SourceExamples
-from zoo.data.text import prepare_corpus
+from zoo.data.text import PackedCorpus, open_corpus, prepare_corpus
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.models.vit import ViT, ViTConfig
 from zoo.sampling import sample
@@ -222,7 +222,17 @@ def eval_batch(args: argparse.Namespace, mesh: Mesh, rows: int) -> int:
 # The language-model flags that fix the data a run trains on (and its held-out split): they form
 # the config's "data" section, which a resumed run must keep (zoo.train.loop.FIXED_SECTIONS).
 # --grad-accum, --mesh, --eval-batch(es) and the intervals may change: the same math, other hardware.
-TEXT_DATA_FLAGS = ("tfds", "text_dir", "eval_split", "tokenizer", "vocab_size", "max_documents", "batch", "seed")
+TEXT_DATA_FLAGS = (
+    "tfds",
+    "text_dir",
+    "store",
+    "eval_split",
+    "tokenizer",
+    "vocab_size",
+    "max_documents",
+    "batch",
+    "seed",
+)
 
 
 def add_corpus_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: str = "runs/data") -> None:
@@ -263,6 +273,17 @@ def add_corpus_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: s
         default=1,
         help="processes tokenizing the corpus into its token store, the first time (default 1)",
     )
+    p.add_argument(
+        "--store-dir",
+        type=str,
+        help="where token stores are written, local or gs:// (default DATA_DIR/token-stores)",
+    )
+    p.add_argument(
+        "--store",
+        type=str,
+        help="a prepared token store's folder (local or gs://, as experiments/prepare_text.py printed it): "
+        "train on it, its tokenizer included, without the corpus or its tfds build",
+    )
 
 
 def add_text_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: str = "runs/data") -> None:
@@ -292,19 +313,7 @@ def run_language_model(args: argparse.Namespace, cfg: GPTConfig, recipe: str, **
     mesh = start(args)
     check_batch(args, mesh)
     cfg = configs.override(cfg, args.set)
-    corpus = _shared(
-        lambda: prepare_corpus(
-            args.data_dir,
-            cfg.context_length,
-            args.vocab_size,
-            tfds_name=args.tfds,
-            text_dir=args.text_dir,
-            eval_split=args.eval_split,
-            tokenizer_path=args.tokenizer,
-            max_documents=args.max_documents,
-            workers=args.workers,
-        )
-    )
+    corpus = _shared(lambda: _corpus(args, cfg.context_length))
     if not any(item.startswith("vocab_size=") for item in args.set):
         cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     corpus.tokenizer.check_vocab(cfg.vocab_size)
@@ -364,6 +373,24 @@ def _train(
         "args": vars(args),
     }
     return train(task, recipes.optimizer(recipe), mesh, args.workdir, loop_config(args), config)
+
+
+def _corpus(args: argparse.Namespace, length: int) -> PackedCorpus:
+    """The corpus the flags name: a prepared token store (--store), or a corpus tokenized into one."""
+    if args.store:
+        return open_corpus(args.store, length, args.eval_split, args.max_documents)
+    return prepare_corpus(
+        args.data_dir,
+        length,
+        args.vocab_size,
+        tfds_name=args.tfds,
+        text_dir=args.text_dir,
+        eval_split=args.eval_split,
+        tokenizer_path=args.tokenizer,
+        max_documents=args.max_documents,
+        workers=args.workers,
+        store_dir=args.store_dir,
+    )
 
 
 def _shared(prepare: Callable[[], Any]) -> Any:

@@ -7,8 +7,10 @@ disk or cloud storage, then read back as packed rows by index, resident memory f
 
 A store is the folder ROOT/<name>-<corpus key>-<tokenizer key>: a changed corpus (one file edited,
 another tfds version) or another tokenizer is another folder, never a stale store. It holds
-`index.json` (written last: a store without it is unfinished) and, per split, shards of
-`documents_per_shard` consecutive documents: `<split>/<shard>.npy`, the shard's token stream (every
+`index.json` (written last: a store without it is unfinished), `tokenizer.model` (so a store alone
+is enough to train on) and, per split, shards of
+`documents_per_shard` consecutive documents (by default about SHARD_BYTES of text: a worker's memory
+is bounded by a shard, whatever the corpus): `<split>/<shard>.npy`, the shard's token stream (every
 document's ids then <|endoftext|>), `<split>/<shard>.docs.npy`, each document's token count (its
 <|endoftext|> included: the document boundaries), and `<split>/<shard>.json`, the shard's counts,
 written after the two arrays, so a shard with it is finished and a rerun after a kill keeps it.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import io
-import itertools
 import json
 import multiprocessing
 import os
@@ -44,7 +45,15 @@ from zoo.paths import write_atomically
 from zoo.tokenizer import Tokenizer, fingerprint
 
 FORMAT_VERSION = 1
-DOCUMENTS_PER_SHARD = 4096
+SHARD_BYTES = 32_000_000  # text per shard, about: what one worker holds at a time
+
+
+def shard_documents(identity: dict[str, Any]) -> int:
+    """Documents per shard so that a shard holds about SHARD_BYTES of text, from the corpus's mean
+    document size (its recorded bytes over its documents): a fixed function of the corpus."""
+    documents = sum(sum(map(int, split["shards"] or [0])) for split in identity["splits"].values())
+    total = sum(int(split["bytes"] or 0) for split in identity["splits"].values())
+    return max(1, SHARD_BYTES * documents // max(total, 1))
 
 
 def store_dtype(vocab_size: int) -> np.dtype:
@@ -88,14 +97,17 @@ def build_store(
     workers: int = 1,
     host: int = 0,
     hosts: int = 1,
-    documents_per_shard: int = DOCUMENTS_PER_SHARD,
+    documents_per_shard: int | None = None,
     progress: bool = True,
 ) -> TokenStore | None:
     """Tokenize `splits` of the prepared tfds dataset in `dataset_dir` into a store under `root`, or
     open it if it exists. `workers` processes tokenize shards in parallel; finished shards are kept
-    across kills. With `hosts` > 1, this host writes only shards i with i % hosts == host and returns
-    None; a last call with hosts=1 (any host) finds them done and writes the index."""
-    folder = store_folder(root, name, corpus_identity(dataset_dir, text_key), tokenizer, documents_per_shard)
+    across kills. `documents_per_shard` defaults to `shard_documents` of the corpus. With `hosts` > 1,
+    this host writes only shards i with i % hosts == host and returns None; a last call with hosts=1
+    (any host) finds them done and writes the index."""
+    identity = corpus_identity(dataset_dir, text_key)
+    documents_per_shard = documents_per_shard or shard_documents(identity)
+    folder = store_folder(root, name, identity, tokenizer, documents_per_shard)
     if (folder / "index.json").exists():
         return TokenStore(folder)
     sizes = {split: len(_source(os.fspath(dataset_dir), split)) for split in splits}
@@ -118,6 +130,7 @@ def build_store(
     bar.close()
     if hosts > 1:
         return None
+    write_atomically(folder / "tokenizer.model", tokenizer.serialized())
     index = {
         "format": FORMAT_VERSION,
         "corpus": corpus_identity(dataset_dir, text_key),
@@ -171,8 +184,9 @@ def _write_shard(
     keys = range(shard * documents_per_shard, min((shard + 1) * documents_per_shard, len(source)))
     texts = [record[text_key] for record in read_records(source, keys)]
     texts = [text.decode("utf-8") if isinstance(text, bytes) else str(text) for text in texts]
-    ids = [[*tokenizer.encode(text), tokenizer.eos_id] for text in texts]
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), store_dtype(tokenizer.vocab_size))
+    dtype = store_dtype(tokenizer.vocab_size)
+    ids = [np.array([*tokenizer.encode(text), tokenizer.eos_id], dtype) for text in texts]  # 2-4 bytes a token
+    tokens = np.concatenate(ids) if ids else np.zeros(0, dtype)
     lengths = np.array([len(doc) for doc in ids], np.int64)
     base = epath.Path(folder) / split
     base.mkdir(parents=True, exist_ok=True)
@@ -216,6 +230,10 @@ class TokenStore:
         if not index.exists():
             raise FileNotFoundError(f"{self.folder} is not a finished token store (no index.json): build it again")
         self.index = json.loads(index.read_text())
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the store was made with (a copy of its model file lives in the store)."""
+        return Tokenizer.load(self.folder / "tokenizer.model")
 
     def rows(self, split: str, length: int, max_documents: int | None = None) -> TokenRows:
         """Rows of `length` + 1 tokens cut from `split`'s token stream (of its first `max_documents`

@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from zoo.data import shakespeare
-from zoo.data.store import TokenRows, build_store
+from zoo.data.store import TokenRows, TokenStore, build_store
 from zoo.paths import absolute
 from zoo.tokenizer import Tokenizer, cached_tokenizer, fingerprint
 
@@ -310,7 +310,10 @@ def prepare_shakespeare(
     tokenizer_path: str | os.PathLike | None = None,
     max_documents: int | None = None,
     workers: int = 1,
-) -> PackedCorpus:
+    host: int = 0,
+    hosts: int = 1,
+    store_dir: str | os.PathLike | None = None,
+) -> PackedCorpus | None:
     """The shipped Shakespeare as packed rows (at most `max_documents` plays a split, in name order); the
     tokenizer is loaded from `tokenizer_path`, or trained on train; the tfds build and tokenizer are cached."""
     tokenizer = None if tokenizer_path is None else Tokenizer.load(tokenizer_path)  # a bad path fails first
@@ -326,7 +329,20 @@ def prepare_shakespeare(
             folder.mkdir(exist_ok=True)
             (folder / f"{play}.txt").write_text(text, encoding="utf-8")
         builder = build_text_files(source, data_dir, name, ("train", "validation"))
-    return _pack(builder, "validation", tokenizer, data_dir, name, vocab_size, length, max_documents, workers)
+    return _pack(
+        builder,
+        "validation",
+        tokenizer,
+        data_dir,
+        name,
+        vocab_size,
+        length,
+        max_documents,
+        workers=workers,
+        host=host,
+        hosts=hosts,
+        store_dir=store_dir,
+    )
 
 
 def prepare_corpus(
@@ -340,7 +356,10 @@ def prepare_corpus(
     tokenizer_path: str | os.PathLike | None = None,
     max_documents: int | None = None,
     workers: int = 1,
-) -> PackedCorpus:
+    host: int = 0,
+    hosts: int = 1,
+    store_dir: str | os.PathLike | None = None,
+) -> PackedCorpus | None:
     """Packed rows of a tfds text dataset by name (downloaded if needed), of local text files
     (`text_dir`/train/*.txt and `text_dir`/<eval_split>/*.txt), or else of the shipped
     Shakespeare, at most `max_documents` documents a split. The tokenizer is loaded from
@@ -349,7 +368,15 @@ def prepare_corpus(
         if eval_split != "validation":
             raise ValueError(f"the shipped Shakespeare has the splits train and validation, not {eval_split!r}")
         return prepare_shakespeare(
-            data_dir, length, vocab_size, tokenizer_path=tokenizer_path, max_documents=max_documents, workers=workers
+            data_dir,
+            length,
+            vocab_size,
+            tokenizer_path=tokenizer_path,
+            max_documents=max_documents,
+            workers=workers,
+            host=host,
+            hosts=hosts,
+            store_dir=store_dir,
         )
     tokenizer = None if tokenizer_path is None else Tokenizer.load(tokenizer_path)  # a bad path fails first
     data_dir = epath.Path(data_dir)
@@ -359,7 +386,20 @@ def prepare_corpus(
     else:
         name = tfds_name.replace("/", "-")
         builder = tfds_builder(tfds_name, data_dir)
-    return _pack(builder, eval_split, tokenizer, data_dir, name, vocab_size, length, max_documents, workers)
+    return _pack(
+        builder,
+        eval_split,
+        tokenizer,
+        data_dir,
+        name,
+        vocab_size,
+        length,
+        max_documents,
+        workers=workers,
+        host=host,
+        hosts=hosts,
+        store_dir=store_dir,
+    )
 
 
 def _pack(
@@ -371,21 +411,47 @@ def _pack(
     vocab_size: int,
     length: int,
     max_documents: int | None,
+    *,
     workers: int,
-) -> PackedCorpus:
+    host: int,
+    hosts: int,
+    store_dir: str | os.PathLike | None,
+) -> PackedCorpus | None:
     """Train a tokenizer on a bounded sample of train (its first `max_documents`) unless given one,
-    tokenize train and `eval_split` once into a token store in `data_dir`, and cut both into rows."""
+    tokenize train and `eval_split` once into a token store in `store_dir` (default
+    `data_dir`/token-stores), and cut both into rows
+    (None on a host that wrote only its share of the store's shards: hosts > 1)."""
     if tokenizer is None:
         sample = tokenizer_sample(builder.as_data_source("train"), TOKENIZER_SAMPLE_BYTES, documents=max_documents)
         tokenizer = cached_tokenizer(sample, data_dir / "tokenizers", name, vocab_size)
+    splits = ("train", eval_split)
     store = build_store(
-        builder.data_dir, ("train", eval_split), tokenizer, data_dir / "token-stores", name=name, workers=workers
+        builder.data_dir,
+        splits,
+        tokenizer,
+        store_dir or data_dir / "token-stores",
+        name=name,
+        workers=workers,
+        host=host,
+        hosts=hosts,
     )
+    if store is None:
+        return None
     return PackedCorpus(
         tokenizer,
         store.rows("train", length, max_documents),
         store.rows(eval_split, length, max_documents),
     )
+
+
+def open_corpus(
+    store: str | os.PathLike, length: int, eval_split: str = "validation", max_documents: int | None = None
+) -> PackedCorpus:
+    """A prepared token store (local or gs://) as a corpus, its tokenizer included: training from it
+    needs neither the corpus nor its tfds build."""
+    store = TokenStore(store)
+    rows = [store.rows(split, length, max_documents) for split in ("train", eval_split)]
+    return PackedCorpus(store.tokenizer(), *rows)
 
 
 def check_token_ids(rows: np.ndarray, vocab_size: int, name: str) -> None:
