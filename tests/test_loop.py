@@ -1,6 +1,6 @@
 """The training loop, driven through the default experiment: exact resume after SIGKILL,
 a checkpoint on SIGTERM restored under another layout, two processes = one, and a run in a
-gs:// workdir (on a local fake of Google Cloud Storage)."""
+gs:// workdir reading a gs:// token store (on a local fake of Google Cloud Storage)."""
 
 import json
 import pathlib
@@ -204,10 +204,25 @@ def gcs_names(url: str, prefix: str) -> set[str]:
         return {item["name"] for item in json.load(r).get("items", [])}
 
 
-def test_a_gs_workdir_holds_every_output_and_the_rerun_resumes_from_it(gcs, data_dir, tmp_path):
+def test_a_gs_workdir_holds_every_output_and_the_rerun_resumes_from_it_reading_a_gs_token_store(
+    gcs, data_dir, tmp_path
+):
+    prepare = [ROOT / "experiments" / "prepare_text.py", "--data-dir", data_dir, "--vocab-size", "512"]
+    result = subprocess.run(
+        [sys.executable, *map(str, prepare), "--store-dir", "gs://bucket/stores"],
+        env=gcs_environment(gcs),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = result.stdout.split("--store ")[1].strip()
+    assert store.startswith("gs://bucket/stores/")
+    assert f"{store.removeprefix('gs://bucket/')}/index.json" in gcs_names(gcs, "stores/")
     for steps in (4, 6):
         result = subprocess.run(
-            command("gs://bucket/run", data_dir, steps),
+            command("gs://bucket/run", data_dir, steps, "--store", store),
             env=gcs_environment(gcs),
             cwd=tmp_path,
             capture_output=True,
