@@ -1,6 +1,7 @@
 """zoo.data.store: a corpus tokenized once into shards, read back as the rows in-memory packing
 gives; a killed preparation resumes to the same bytes; a changed corpus or tokenizer is a new store."""
 
+import json
 import os
 import pathlib
 import signal
@@ -142,3 +143,29 @@ def test_shards_hold_about_32_mb_of_text_by_the_corpus_mean_document():
     splits = {"train": {"shards": ["900", "100"], "bytes": "100000000"}, "test": {"shards": ["24"], "bytes": "2400000"}}
     assert store.shard_documents({"splits": splits}) == 320  # 1024 documents of 100 KB: 320 make 32 MB
     assert store.shard_documents({"splits": {"train": {"shards": ["2"], "bytes": str(10**9)}}}) == 1
+
+
+def test_the_tokenizer_learns_from_a_bounded_seeded_sample_in_index_order():
+    source = [{"text": f"{i:03d}" + "x" * 997} for i in range(100)]  # 100 documents of 1000 bytes
+    sample = text.tokenizer_sample(source, max_bytes=10_000, seed=0)
+    assert len(sample) == 10 and sample == sorted(sample)  # 10 kB, in index order
+    assert text.tokenizer_sample(source, max_bytes=10_000, seed=0) == sample
+    assert text.tokenizer_sample(source, max_bytes=10_000, seed=1) != sample
+    assert len(text.tokenizer_sample(source, max_bytes=10**9)) == 100  # a small corpus whole
+    assert all(int(doc[:3]) < 20 for doc in text.tokenizer_sample(source, max_bytes=10**9, documents=20))
+
+
+def test_the_tokenizer_records_its_sample(shipped):
+    builder, _ = shipped
+    [record] = builder.parents[2].glob("tokenizers/*.json")
+    assert (
+        json.loads(record.read_text())["sample"] | {"order": None}
+        == {
+            "documents": 2,  # the fixture's max_documents
+            "of": 2,
+            "bytes": sum(len(doc.encode()) for doc in documents(builder, "train")[:2]),
+            "max_bytes": text.TOKENIZER_SAMPLE_BYTES,
+            "seed": 0,
+            "order": None,
+        }
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -159,16 +160,25 @@ def train_tokenizer(
 
 
 def cached_tokenizer(
-    texts: Sequence[str], cache_dir: str | os.PathLike, name: str, vocab_size: int = 4096, **options: Any
+    texts: Sequence[str],
+    cache_dir: str | os.PathLike,
+    name: str,
+    vocab_size: int = 4096,
+    metadata: dict[str, Any] | None = None,
+    **options: Any,
 ) -> Tokenizer:
     """`train_tokenizer` of `texts`, trained once then loaded from `cache_dir`: the file name holds a digest
-    of the texts, vocab_size and options, so other documents (e.g. another max_documents) train another."""
+    of the texts, vocab_size and options, so other documents (e.g. another max_documents) train another.
+    `metadata` (what the texts are, e.g. the sample they were drawn as) is written beside it as JSON."""
     options = {**TRAINER_OPTIONS, **options}
     key = fingerprint([repr(sorted(options.items())), str(vocab_size), *texts])
     path = epath.Path(cache_dir) / f"{name}-bpe{vocab_size}-{key}.model"
     if path.exists():
         return Tokenizer.load(path)
-    return train_tokenizer(texts, path.with_suffix(""), vocab_size, **options)
+    tokenizer = train_tokenizer(texts, path.with_suffix(""), vocab_size, **options)
+    if metadata is not None:
+        write_atomically(path.with_suffix(".json"), json.dumps(metadata, indent=1).encode())
+    return tokenizer
 
 
 def fingerprint(parts: Iterable[str | bytes]) -> str:

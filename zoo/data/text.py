@@ -422,8 +422,17 @@ def _pack(
     `data_dir`/token-stores), and cut both into rows
     (None on a host that wrote only its share of the store's shards: hosts > 1)."""
     if tokenizer is None:
-        sample = tokenizer_sample(builder.as_data_source("train"), TOKENIZER_SAMPLE_BYTES, documents=max_documents)
-        tokenizer = cached_tokenizer(sample, data_dir / "tokenizers", name, vocab_size)
+        source = builder.as_data_source("train")
+        sample = tokenizer_sample(source, TOKENIZER_SAMPLE_BYTES, documents=max_documents)
+        drawn = {
+            "documents": len(sample),
+            "of": min(len(source), max_documents or len(source)),
+            "bytes": sum(len(text.encode("utf-8")) for text in sample),
+            "max_bytes": TOKENIZER_SAMPLE_BYTES,
+            "seed": 0,
+            "order": "zoo.data.text.epoch_order(documents, seed, 0), then index order",
+        }
+        tokenizer = cached_tokenizer(sample, data_dir / "tokenizers", name, vocab_size, metadata={"sample": drawn})
     splits = ("train", eval_split)
     store = build_store(
         builder.data_dir,
