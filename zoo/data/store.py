@@ -121,11 +121,12 @@ def build_store(
         _write_shard, os.fspath(dataset_dir), text_key, tokenizer.serialized(), os.fspath(folder), documents_per_shard
     )
     bar = tqdm(total=len(jobs), desc=f"tokenizing {name} (shards)", unit="shard", disable=not progress)
-    start, written = time.perf_counter(), 0
+    start, written, documents = time.perf_counter(), 0, 0
     with _pool(workers) as pool:
         for stats in pool.map(job, *zip(*jobs)) if jobs else ():
-            written += stats["bytes"]
-            bar.set_postfix(MB_s=f"{written / 1e6 / (time.perf_counter() - start):.1f}", refresh=False)
+            written, documents = written + stats["bytes"], documents + stats["documents"]
+            rate = written / 1e6 / (time.perf_counter() - start)
+            bar.set_postfix(documents=f"{documents:,}", MB_s=f"{rate:.1f}", refresh=False)
             bar.update()
     bar.close()
     if hosts > 1:
