@@ -14,7 +14,7 @@ import pytest
 from etils import epath
 
 from zoo.data import shakespeare, store, text
-from zoo.tokenizer import train_tokenizer
+from zoo.tokenizer import ByteLevelBPE, train_byte_level_bpe, train_tokenizer
 
 SPLITS = ("train", "validation")
 
@@ -169,3 +169,12 @@ def test_the_tokenizer_records_its_sample(shipped):
             "order": None,
         }
     )
+
+
+def test_a_byte_level_bpe_store_reads_back_with_its_tokenizer(shipped, tmp_path):
+    builder, _ = shipped
+    bbpe = train_byte_level_bpe(documents(builder, "train")[:2], tmp_path / "tokenizer.json", 400)
+    built = store.build_store(builder, SPLITS, bbpe, tmp_path / "stores", documents_per_shard=5, progress=False)
+    expected = text.packed_rows(bbpe, documents(builder, "validation"), length=32)
+    np.testing.assert_array_equal(np.asarray(built.rows("validation", 32)), expected)
+    assert isinstance(built.tokenizer(), ByteLevelBPE) and built.tokenizer().serialized() == bbpe.serialized()

@@ -248,7 +248,8 @@ def add_corpus_flags(p: argparse.ArgumentParser, *, vocab_size: int, data_dir: s
     p.add_argument(
         "--tokenizer",
         type=epath.Path,
-        help="a sentencepiece .model file, for any corpus (default: train one on the training split)",
+        help="a sentencepiece .model file, or a byte-level BPE (tokenizer.json, or a folder holding it or GPT-2's "
+        "vocab.json and merges.txt), for any corpus (default: train a sentencepiece BPE on the training split)",
     )
     p.add_argument(
         "--vocab-size",

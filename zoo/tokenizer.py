@@ -17,6 +17,7 @@ every "▁" back to a space, so a literal "▁" in the text is encoded as its th
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import io
@@ -27,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sentencepiece as spm
+import tokenizers
 from etils import epath
 
 from zoo.paths import write_atomically
@@ -56,8 +58,54 @@ TRAINER_OPTIONS = dict(
 )
 
 
-class Tokenizer:
+class TextTokenizer(abc.ABC):
+    """What the zoo needs of a tokenizer: text <-> ids, `eos_id` between documents, and the bytes of
+    its file (what a token store keeps and is keyed by)."""
+
+    FILE_NAME: str  # its file's name inside a token store
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without <|endoftext|> (the pipeline appends it per document)."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; <|endoftext|> (and padding) decode to nothing."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def eos_id(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def pad_id(self) -> int: ...
+
+    @abc.abstractmethod
+    def serialized(self) -> bytes:
+        """The tokenizer file's bytes (`tokenizer_from_bytes` reads them back)."""
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of the tokenizer file: what a token store is keyed by."""
+        return fingerprint([self.serialized()])
+
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Raise if some token id would index past a model's embedding table."""
+        if self.vocab_size > model_vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {model_vocab_size}: "
+                f"set vocab_size >= {self.vocab_size} in the model config (or train a smaller tokenizer)"
+            )
+
+
+class Tokenizer(TextTokenizer):
     """Text <-> token ids with a sentencepiece model; `eos_id` separates documents."""
+
+    FILE_NAME = "tokenizer.model"
 
     def __init__(self, processor: spm.SentencePieceProcessor):
         self._sp = processor
@@ -84,11 +132,6 @@ class Tokenizer:
     def serialized(self) -> bytes:
         """The sentencepiece model file's bytes."""
         return self._sp.serialized_model_proto()
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """A digest of the model file: what a token store is keyed by."""
-        return fingerprint([self.serialized()])
 
     @property
     def vocab_size(self) -> int:
@@ -123,13 +166,111 @@ class Tokenizer:
         parts.append(self._sp.decode(ids[start:]))
         return SPACE_SYMBOL.join(parts)
 
-    def check_vocab(self, model_vocab_size: int) -> None:
-        """Raise if some token id would index past a model's embedding table."""
-        if self.vocab_size > model_vocab_size:
-            raise ValueError(
-                f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {model_vocab_size}: "
-                f"set vocab_size >= {self.vocab_size} in the model config (or train a smaller tokenizer)"
-            )
+
+class ByteLevelBPE(TextTokenizer):
+    """GPT-2's byte-level BPE, through HF `tokenizers`: merges over the bytes of UTF-8 text from a
+    256-symbol base, so no text is unknown; text is split by GPT-2's pattern (contractions, letter,
+    number and other runs, whitespace) before merging. `<|endoftext|>` separates documents and also
+    pads (GPT-2 has no padding token). `encode` never produces it, not even from the literal text."""
+
+    FILE_NAME = "tokenizer.json"
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer):
+        self._tk = tokenizer
+        self._tk.encode_special_tokens = True  # "<|endoftext|>" in a text is text, not the special token
+        self._eos = tokenizer.token_to_id(EOS_PIECE)
+        if self._eos is None:
+            raise ValueError(f"the byte-level BPE has no {EOS_PIECE} token")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ByteLevelBPE:
+        """A `tokenizer.json`, or a folder holding one or GPT-2's `vocab.json` and `merges.txt` (a
+        `save_pretrained` folder), local or at a URL."""
+        path = epath.Path(path)
+        if path.is_dir() and not (path / "tokenizer.json").exists():
+            vocab, merges = path / "vocab.json", path / "merges.txt"
+            if not (vocab.exists() and merges.exists()):
+                raise FileNotFoundError(f"{path} holds neither tokenizer.json nor vocab.json and merges.txt")
+            tokenizer = _byte_level(tokenizers.models.BPE(json.loads(vocab.read_text()), _merges(merges.read_text())))
+            tokenizer.add_special_tokens([EOS_PIECE])  # GPT-2's vocab.json holds it: its id is kept
+            return cls(tokenizer)
+        return cls(tokenizers.Tokenizer.from_str((path / "tokenizer.json" if path.is_dir() else path).read_text()))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int:
+        return self._eos
+
+    def encode(self, text: str) -> list[int]:
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tk.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def serialized(self) -> bytes:
+        return self._tk.to_str().encode("utf-8")
+
+
+def _byte_level(model: tokenizers.models.BPE) -> tokenizers.Tokenizer:
+    """A BPE model with GPT-2's splitting pattern and byte alphabet around it."""
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    return tokenizer
+
+
+def _merges(text: str) -> list[tuple[str, str]]:
+    """The pairs of a GPT-2 `merges.txt` (a "#version" header line is skipped)."""
+    lines = [line for line in text.splitlines() if line and not line.startswith("#version")]
+    return [tuple(line.split(" ")) for line in lines]
+
+
+def train_byte_level_bpe(texts: Iterable[str], path: str | os.PathLike, vocab_size: int = 4096) -> ByteLevelBPE:
+    """Train a byte-level BPE on `texts` (its 256 byte symbols, then merges, then <|endoftext|> last,
+    as in GPT-2) and write it as `tokenizer.json` at `path` (local or a URL)."""
+    tokenizer = _byte_level(tokenizers.models.BPE())
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_sentences(texts), trainer)
+    tokenizer.add_special_tokens([EOS_PIECE])
+    trained = ByteLevelBPE(tokenizer)
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, trained.serialized())
+    return trained
+
+
+def tokenizer_from_bytes(data: bytes) -> TextTokenizer:
+    """A tokenizer from its file's bytes: a byte-level BPE's tokenizer.json (JSON) or a sentencepiece model."""
+    if data.lstrip().startswith(b"{"):
+        return ByteLevelBPE(tokenizers.Tokenizer.from_str(data.decode("utf-8")))
+    return Tokenizer(spm.SentencePieceProcessor(model_proto=data))
+
+
+def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
+    """A sentencepiece `.model` file, or a byte-level BPE (`tokenizer.json`, or a folder with it or
+    with GPT-2's vocab.json and merges.txt), local or at a URL."""
+    path = epath.Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").exists() or (path / "vocab.json").exists():
+            return ByteLevelBPE.load(path)
+        raise IsADirectoryError(
+            f"{path} is a folder without tokenizer.json or vocab.json and merges.txt: give a sentencepiece "
+            f".model file or a byte-level BPE's folder"
+        )
+    if path.suffix == ".json":
+        return ByteLevelBPE.load(path)
+    return Tokenizer.load(path)
 
 
 def train_tokenizer(

@@ -7,8 +7,8 @@ disk or cloud storage, then read back as packed rows by index, resident memory f
 
 A store is the folder ROOT/<name>-<corpus key>-<tokenizer key>: a changed corpus (one file edited,
 another tfds version) or another tokenizer is another folder, never a stale store. It holds
-`index.json` (written last: a store without it is unfinished), `tokenizer.model` (so a store alone
-is enough to train on) and, per split, shards of
+`index.json` (written last: a store without it is unfinished), its tokenizer's file
+(`tokenizer.model` or `tokenizer.json`: a store alone is enough to train on) and, per split, shards of
 `documents_per_shard` consecutive documents (by default about SHARD_BYTES of text: a worker's memory
 is bounded by a shard, whatever the corpus): `<split>/<shard>.npy`, the shard's token stream (every
 document's ids then <|endoftext|>), `<split>/<shard>.docs.npy`, each document's token count (its
@@ -36,13 +36,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import sentencepiece as spm
 import tensorflow_datasets as tfds
 from etils import epath
 from tqdm import tqdm
 
 from zoo.paths import write_atomically
-from zoo.tokenizer import Tokenizer, fingerprint
+from zoo.tokenizer import ByteLevelBPE, TextTokenizer, Tokenizer, fingerprint, load_tokenizer, tokenizer_from_bytes
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 32_000_000  # text per shard, about: what one worker holds at a time
@@ -79,7 +78,7 @@ def corpus_identity(dataset_dir: epath.PathLike, text_key: str = "text") -> dict
 
 
 def store_folder(
-    root: epath.PathLike, name: str, identity: dict[str, Any], tokenizer: Tokenizer, documents_per_shard: int
+    root: epath.PathLike, name: str, identity: dict[str, Any], tokenizer: TextTokenizer, documents_per_shard: int
 ) -> epath.Path:
     """ROOT/<name>-<corpus key>-<tokenizer key>, the keys digests of what the store is made from."""
     corpus_key = fingerprint([json.dumps(identity, sort_keys=True), str(documents_per_shard), str(FORMAT_VERSION)])
@@ -89,7 +88,7 @@ def store_folder(
 def build_store(
     dataset_dir: epath.PathLike,
     splits: Sequence[str],
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     root: epath.PathLike,
     *,
     name: str = "corpus",
@@ -131,7 +130,7 @@ def build_store(
     bar.close()
     if hosts > 1:
         return None
-    write_atomically(folder / "tokenizer.model", tokenizer.serialized())
+    write_atomically(folder / tokenizer.FILE_NAME, tokenizer.serialized())
     index = {
         "format": FORMAT_VERSION,
         "corpus": corpus_identity(dataset_dir, text_key),
@@ -170,8 +169,8 @@ def _source(dataset_dir: str, split: str) -> Any:
 
 
 @functools.cache
-def _tokenizer(model: bytes) -> Tokenizer:
-    return Tokenizer(spm.SentencePieceProcessor(model_proto=model))
+def _tokenizer(model: bytes) -> TextTokenizer:
+    return tokenizer_from_bytes(model)
 
 
 def _write_shard(
@@ -232,9 +231,14 @@ class TokenStore:
             raise FileNotFoundError(f"{self.folder} is not a finished token store (no index.json): build it again")
         self.index = json.loads(index.read_text())
 
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer the store was made with (a copy of its model file lives in the store)."""
-        return Tokenizer.load(self.folder / "tokenizer.model")
+    def tokenizer(self) -> TextTokenizer:
+        """The tokenizer the store was made with (a copy of its file lives in the store)."""
+        [path] = [
+            self.folder / name
+            for name in (Tokenizer.FILE_NAME, ByteLevelBPE.FILE_NAME)
+            if (self.folder / name).exists()
+        ]
+        return load_tokenizer(path)
 
     def rows(self, split: str, length: int, max_documents: int | None = None) -> TokenRows:
         """Rows of `length` + 1 tokens cut from `split`'s token stream (of its first `max_documents`

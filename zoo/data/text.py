@@ -28,7 +28,7 @@ from etils import epath
 from zoo.data import shakespeare
 from zoo.data.store import TokenRows, TokenStore, build_store
 from zoo.paths import absolute
-from zoo.tokenizer import Tokenizer, cached_tokenizer, fingerprint
+from zoo.tokenizer import TextTokenizer, cached_tokenizer, fingerprint, load_tokenizer
 
 READ_CHUNK = 1024  # records per data-source read
 TOKENIZER_SAMPLE_BYTES = 200_000_000  # text a tokenizer learns from, at most (about)
@@ -153,7 +153,7 @@ class TextPipeline(StepPipeline):
         return np.asarray(self.rows[self.indices(step)], dtype=np.int32)
 
 
-def packed_rows(tokenizer: Tokenizer, documents: Iterable[str], length: int) -> np.ndarray:
+def packed_rows(tokenizer: TextTokenizer, documents: Iterable[str], length: int) -> np.ndarray:
     """Every document's tokens then <|endoftext|>, concatenated and cut into int32 rows [n, length + 1]."""
     stream = np.fromiter(
         itertools.chain.from_iterable([*tokenizer.encode(text), tokenizer.eos_id] for text in documents), np.int32
@@ -296,7 +296,7 @@ def tokenizer_sample(
 class PackedCorpus(NamedTuple):
     """A tokenizer and the train and validation rows of its token store."""
 
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
     train: TokenRows  # int32 rows [n, length + 1] by index
     validation: TokenRows
 
@@ -316,7 +316,7 @@ def prepare_shakespeare(
 ) -> PackedCorpus | None:
     """The shipped Shakespeare as packed rows (at most `max_documents` plays a split, in name order); the
     tokenizer is loaded from `tokenizer_path`, or trained on train; the tfds build and tokenizer are cached."""
-    tokenizer = None if tokenizer_path is None else Tokenizer.load(tokenizer_path)  # a bad path fails first
+    tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path)  # a bad path fails first
     data_dir = epath.Path(data_dir)
     texts = shakespeare.works()
     unknown = set(validation) - set(texts)
@@ -378,7 +378,7 @@ def prepare_corpus(
             hosts=hosts,
             store_dir=store_dir,
         )
-    tokenizer = None if tokenizer_path is None else Tokenizer.load(tokenizer_path)  # a bad path fails first
+    tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path)  # a bad path fails first
     data_dir = epath.Path(data_dir)
     if text_dir is not None:
         name = absolute(text_dir).name
@@ -405,7 +405,7 @@ def prepare_corpus(
 def _pack(
     builder: tfds.core.DatasetBuilder,
     eval_split: str,
-    tokenizer: Tokenizer | None,
+    tokenizer: TextTokenizer | None,
     data_dir: epath.Path,
     name: str,
     vocab_size: int,
