@@ -40,6 +40,7 @@ FLAGS_USERS_NEED = {
     "vit_b16_imagenet.py": (*TRAINING, "--data-dir", "--mock"),
     "bench_attention.py": ("--lengths", "--windows", "--implementations", "--repeats", "--json"),
     "prepare_text.py": ("--tfds", "--text-dir", "--tokenizer", "--workers", "--data-dir"),
+    "bench_tokenizers.py": ("--chinese", "--vocab-sizes", "--json"),
     "bench_data.py": ("--scales", "--workers", "--batches", "--json"),
     "bench_input.py": ("--experiments", "--steps", "--prefetch", "--synthetic", "--json"),
     "bench_sharding.py": ("--preset", "--layouts", "--batch", "--chip", "--topology", "--json"),
