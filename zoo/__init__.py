@@ -1,6 +1,7 @@
 """zoo: GPT-1/2/3 and ViT as pure Flax modules, with exact O(T·w) banded attention."""
 
 from zoo import configs, interop, models, nn
+from zoo.generation import generate
 from zoo.models import GPT, GPTConfig, ViT, ViTConfig
 
-__all__ = ["GPT", "GPTConfig", "ViT", "ViTConfig", "configs", "interop", "models", "nn"]
+__all__ = ["GPT", "GPTConfig", "ViT", "ViTConfig", "configs", "generate", "interop", "models", "nn"]

@@ -13,7 +13,6 @@ from typing import Any
 
 import absl.logging
 import jax
-import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from jax.experimental import multihost_utils
@@ -22,9 +21,9 @@ from jax.sharding import Mesh
 from zoo import configs, sharding, tasks
 from zoo.data.images import ArrayExamples, ImagePipeline, SourceExamples
 from zoo.data.text import PackedCorpus, open_corpus, prepare_corpus
+from zoo.generation import generate
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.models.vit import ViT, ViTConfig
-from zoo.sampling import sample
 from zoo.train import recipes
 from zoo.train.loop import LoopConfig, Task, train
 from zoo.train.recipes import Recipe
@@ -344,21 +343,21 @@ def run_language_model(args: argparse.Namespace, cfg: GPTConfig, recipe: str, **
             f"perplexity {math.exp(summary['eval_loss']):.1f}"
         )
     if args.samples:
-        prompt = np.asarray([corpus.tokenizer.encode(args.prompt)] * args.samples, np.int32)
-        with sharding.sharding_context(mesh):  # params stay in their shards; kernels see the mesh
-            texts = jax.device_get(
-                sample(
+        prompt = corpus.tokenizer.encode(args.prompt)
+        with sharding.sharding_context(mesh):  # params stay in their shards
+            new = jax.device_get(
+                generate(
                     model,
                     summary["state"]["params"],
-                    prompt,
+                    [prompt] * args.samples,
                     args.sample_tokens,
-                    jax.random.key(args.seed),
                     temperature=0.8,
+                    rng=jax.random.key(args.seed),
                 )
             )
         if jax.process_index() == 0:
-            for i, tokens in enumerate(texts):
-                print(f"\n--- sample {i + 1} ---\n{corpus.tokenizer.decode(tokens.tolist())}")
+            for i, tokens in enumerate(new):
+                print(f"\n--- sample {i + 1} ---\n{corpus.tokenizer.decode([*prompt, *tokens.tolist()])}")
     return summary
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.nn.transformer import Block, check_block_config, dense_init, layer_norm, scan_layers
+from zoo.nn.transformer import Block, KVCache, check_block_config, dense_init, layer_norm, scan_layers
 
 ATTENTION_KINDS = ("dense", "banded")
 
@@ -83,16 +83,24 @@ class GPTConfig:
 
 
 class _Period(nn.Module):
-    """One repetition of the attention pattern: a block per entry (the scanned unit)."""
+    """One repetition of the attention pattern: a block per entry (the scanned unit). With KV
+    caches (generation: this period's slice of each block's cache), also returns them updated."""
 
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x: jax.Array, deterministic: bool, caches: dict[str, KVCache] | None = None
+    ) -> tuple[jax.Array, dict[str, KVCache] | None]:
+        updated = {}
         for i, kind in enumerate(self.cfg.attention_pattern):
             window = self.cfg.window if kind == "banded" else None
-            x = Block(self.cfg, causal=True, window=window, name=f"block_{i}")(x, deterministic)
-        return x, None
+            block = Block(self.cfg, causal=True, window=window, name=f"block_{i}")
+            if caches is None:
+                x = block(x, deterministic)
+            else:
+                x, updated[f"block_{i}"] = block(x, deterministic, cache=caches[f"block_{i}"])
+        return x, updated or None
 
 
 class GPT(nn.Module):
@@ -116,7 +124,7 @@ class GPT(nn.Module):
             cfg.param_dtype,
         )
         num_periods = cfg.num_layers // len(cfg.attention_pattern)
-        self.layers = scan_layers(_Period, num_periods, cfg.remat, cfg.scan_unroll)(cfg)
+        self.layers = scan_layers(_Period, num_periods, cfg.remat, cfg.scan_unroll, (nn.broadcast, 0))(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         if cfg.final_norm:
             self.final_norm = layer_norm(cfg)
@@ -128,7 +136,7 @@ class GPT(nn.Module):
         x = self.token_embed(tokens) + self.pos_embed[:length].astype(self.cfg.dtype)
         x = self.embed_dropout(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x, _ = self.layers(x, deterministic)
+        x, _ = self.layers(x, deterministic, None)
         return self.final_norm(x) if self.cfg.final_norm else x
 
     def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -136,6 +144,18 @@ class GPT(nn.Module):
         transposed token embedding (tied weights)."""
         logits = self.token_embed.attend(self.hidden_states(tokens, deterministic))
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def extend(self, tokens: jax.Array, caches: dict[str, KVCache]) -> tuple[jax.Array, dict[str, KVCache]]:
+        """Generation: run new tokens [B, L] at each row's own positions (the caches' `start` + i; the
+        first `lengths` of each row real, the rest padding) over the KV `caches` (`init_caches`);
+        returns the logits [B, L, vocab] (float32) and the caches with the new keys and values."""
+        first = jax.tree.leaves(caches, is_leaf=lambda leaf: isinstance(leaf, KVCache))[0]
+        positions = first.start[0][:, None] + jnp.arange(tokens.shape[1])
+        pos_embed = jnp.take(self.pos_embed, jnp.clip(positions, 0, self.cfg.context_length - 1), axis=0)
+        x = self.token_embed(tokens) + pos_embed.astype(self.cfg.dtype)
+        x, caches = self.layers(x, True, caches)
+        x = self.final_norm(x) if self.cfg.final_norm else x
+        return self.token_embed.attend(x).astype(jnp.float32), caches
 
     def _check_tokens(self, tokens: jax.Array) -> None:
         cfg = self.cfg
@@ -149,3 +169,33 @@ class GPT(nn.Module):
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= cfg.vocab_size:
                 raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got ids in [{low}, {high}]")
+
+
+def init_caches(cfg: GPTConfig, batch: int) -> dict[str, KVCache]:
+    """Empty KV caches for generating `batch` rows, one per block of the attention pattern, each with
+    a leading axis over the pattern's repetitions (the layer scan): a dense layer keeps
+    `context_length` slots, a banded one a ring of `window` (GPT-3's banded layers: O(w), not O(T))."""
+    periods = cfg.num_layers // len(cfg.attention_pattern)
+    caches = {}
+    for i, kind in enumerate(cfg.attention_pattern):
+        size = cfg.window if kind == "banded" else cfg.context_length
+        zeros = jnp.zeros((periods, batch, size, cfg.num_heads, cfg.head_dim), cfg.dtype)
+        caches[f"block_{i}"] = KVCache(
+            k=zeros,
+            v=zeros,
+            pos=jnp.full((periods, batch, size), -1, jnp.int32),
+            start=jnp.zeros((periods, batch), jnp.int32),
+            lengths=jnp.zeros((periods, batch), jnp.int32),
+        )
+    return caches
+
+
+def advance(caches: dict[str, KVCache], start: jax.Array, lengths: jax.Array) -> dict[str, KVCache]:
+    """The caches set to receive `lengths` [B] new tokens of each row at positions `start` [B] on."""
+    return {
+        name: cache.replace(
+            start=jnp.broadcast_to(start, cache.start.shape).astype(jnp.int32),
+            lengths=jnp.broadcast_to(lengths, cache.lengths.shape).astype(jnp.int32),
+        )
+        for name, cache in caches.items()
+    }

@@ -207,6 +207,17 @@ def dense_attention(
     return _softmax_weighted_sum(logits, allowed, v, "bhqk,bkhd->bqhd")
 
 
+def attention_at_positions(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, window: int | None = None
+) -> jax.Array:
+    """Causal attention of queries at absolute positions `q_pos` [B, L] over keys at `k_pos` [B, S]
+    in any order (a KV cache's slots; -1: an empty slot): query i sees key j iff
+    0 <= k_pos[j] <= q_pos[i] (and q_pos[i] - k_pos[j] < window). Dense over the S keys."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * _scale(q)
+    allowed = _allowed(q_pos, k_pos, True, window) & (k_pos >= 0)[:, None, :]
+    return _softmax_weighted_sum(logits, allowed[:, None], v, "bhqk,bkhd->bqhd")
+
+
 def banded_attention(
     q: jax.Array,
     k: jax.Array,

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from zoo.nn.dot_product_attention import attention
+from zoo.nn.dot_product_attention import attention, attention_at_positions
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -107,7 +108,11 @@ class SelfAttention(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array | None = None, cache: KVCache | None = None
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Attention over x's own tokens; with a `cache` (causal layers, when generating), over the
+        cache's keys and x's, returning (output, the cache with x's keys written in)."""
         cfg = self.cfg
         head_dim = cfg.d_model // cfg.num_heads
         common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
@@ -115,13 +120,59 @@ class SelfAttention(nn.Module):
             (3, cfg.num_heads, head_dim), ("embed",), (None, "heads", "head_dim"), cfg.init_std, **common, name="qkv"
         )(x)
         q, k, v = (nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3))
-        out = attention(
-            q, k, v, causal=self.causal, window=self.window, key_mask=key_mask, implementation=cfg.attention_impl
-        )
+        if cache is None:
+            out = attention(
+                q, k, v, causal=self.causal, window=self.window, key_mask=key_mask, implementation=cfg.attention_impl
+            )
+        else:
+            positions = cache.new_positions(x.shape[1])
+            out = attention_at_positions(
+                q,
+                jnp.concatenate([cache.k.astype(k.dtype), k], axis=1),
+                jnp.concatenate([cache.v.astype(v.dtype), v], axis=1),
+                cache.start[:, None] + jnp.arange(x.shape[1]),
+                jnp.concatenate([cache.pos, positions], axis=1),
+                self.window,
+            )
+            cache = cache.written(k, v)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        return Projection(
+        out = Projection(
             (cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg.residual_init_std, **common, name="out"
         )(out)
+        return out if cache is None else (out, cache)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """One attention layer's keys and values for generation: `size` slots per row, slot
+    position % size holding the key at that absolute position (`pos`, -1: empty): a dense layer
+    has a slot per position of the context, a banded layer a ring of `window` slots. `start` and
+    `lengths` [B] say where the tokens being added begin and how many of them are real (the rest
+    are padding: never written, never seen)."""
+
+    k: jax.Array  # [B, size, heads, head_dim]
+    v: jax.Array
+    pos: jax.Array  # int32 [B, size]
+    start: jax.Array  # int32 [B]
+    lengths: jax.Array  # int32 [B]
+
+    def new_positions(self, length: int) -> jax.Array:
+        """Absolute positions [B, length] of the tokens being added; -1 for padding."""
+        offsets = jnp.arange(length)
+        return jnp.where(offsets < self.lengths[:, None], self.start[:, None] + offsets, -1)
+
+    def written(self, k: jax.Array, v: jax.Array) -> KVCache:
+        """The cache with the new keys and values [B, L, heads, head_dim] in their slots: slot s takes
+        the latest real new position p with p % size == s (a ring shorter than L keeps the last ones)."""
+        size, length = self.pos.shape[1], k.shape[1]
+        last = self.start + self.lengths - 1
+        latest = last[:, None] - jnp.mod(last[:, None] - jnp.arange(size), size)  # [B, size]
+        fresh = (latest >= self.start[:, None]) & (self.lengths[:, None] > 0)
+        index = jnp.clip(latest - self.start[:, None], 0, length - 1)[:, :, None, None]
+        pick = lambda new, old: jnp.where(
+            fresh[:, :, None, None], jnp.take_along_axis(new, index, axis=1).astype(old.dtype), old
+        )
+        return self.replace(k=pick(k, self.k), v=pick(v, self.v), pos=jnp.where(fresh, latest, self.pos))
 
 
 class MLP(nn.Module):
@@ -154,12 +205,22 @@ class Block(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool, key_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, deterministic: bool, key_mask: jax.Array | None = None, cache: KVCache | None = None
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """The layer's output; with a KV `cache` (generation), (output, the updated cache)."""
         cfg = self.cfg
-        sublayers = (
-            ("attn", lambda h: SelfAttention(cfg, self.causal, self.window, name="attn")(h, key_mask)),
-            ("mlp", lambda h: MLP(cfg, name="mlp")(h)),
-        )
+        attend = SelfAttention(cfg, self.causal, self.window, name="attn")
+        updated = []
+
+        def attention_sublayer(h: jax.Array) -> jax.Array:
+            if cache is None:
+                return attend(h, key_mask)
+            out, new_cache = attend(h, key_mask, cache)
+            updated.append(new_cache)
+            return out
+
+        sublayers = (("attn", attention_sublayer), ("mlp", lambda h: MLP(cfg, name="mlp")(h)))
         for name, sublayer in sublayers:
             norm = layer_norm(cfg, f"{name}_norm")
             dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
@@ -168,7 +229,7 @@ class Block(nn.Module):
             else:
                 x = norm(x + dropout(sublayer(x)))
             x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x
+        return x if cache is None else (x, updated[0])
 
 
 def check_block_config(cfg: BlockConfig) -> None:
@@ -191,11 +252,14 @@ def check_block_config(cfg: BlockConfig) -> None:
             raise ValueError(f"{field}={value!r} is not a dtype name such as 'float32' or 'bfloat16'") from None
 
 
-def scan_layers(period: type[nn.Module], num_periods: int, remat: str, unroll: int = 1) -> type[nn.Module]:
+def scan_layers(
+    period: type[nn.Module], num_periods: int, remat: str, unroll: int = 1, in_axes: Any = nn.broadcast
+) -> type[nn.Module]:
     """Stack `num_periods` copies of a layer group under `nn.scan` (params get a leading
     "layers" axis), so compile time does not grow with depth; optionally rematerialised.
     `unroll` copies of the period run per loop iteration (>= num_periods: straight-line code).
-    The period's call is `(x, deterministic, *broadcast) -> (x, None)`."""
+    The period's call is `(x, deterministic, *args) -> (x, out)`; `in_axes` says, per argument
+    after x, whether it is scanned (0: one slice per period, e.g. a KV cache) or broadcast."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; choose one of {tuple(REMAT_POLICIES)}")
     if remat != "none":
@@ -206,7 +270,7 @@ def scan_layers(period: type[nn.Module], num_periods: int, remat: str, unroll: i
         period,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=nn.broadcast,
+        in_axes=in_axes,
         length=num_periods,
         unroll=unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},

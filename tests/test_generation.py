@@ -1,0 +1,156 @@
+"""zoo.generate: cached decoding equals recomputing the model over the growing sequence, for dense,
+banded (GPT-3) and post-LN (GPT-1) models, ragged batches and past the context; samplers draw from
+the distribution they name; bad prompts get clear errors; banded caches hold O(window)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo import configs
+from zoo.generation import choose, generate
+from zoo.models.gpt import GPT, advance, init_caches
+
+CONTEXT = 64
+MODELS = {
+    "dense": dict(attention_pattern=("dense",)),
+    "gpt3 dense+banded": dict(attention_pattern=("dense", "banded"), window=8),
+    "gpt1 post-LN": dict(norm_position="post", final_norm=False),
+}
+
+
+@functools.cache
+def tiny(kind: str):
+    cfg = configs.gpt(
+        "gpt2-small",
+        num_layers=4,
+        d_model=32,
+        num_heads=4,
+        d_ff=64,
+        context_length=CONTEXT,
+        vocab_size=97,
+        dropout=0.0,
+        **MODELS[kind],
+    )
+    model = GPT(cfg)
+    params = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    return model, params
+
+
+def recomputed_greedy(model, params, prompt, steps) -> list[int]:
+    """Greedy decoding by running the model over the last context_length tokens at every step."""
+    apply = jax.jit(lambda window: model.apply({"params": params}, window))
+    sequence, new = list(prompt), []
+    for _ in range(steps):
+        window = sequence[-CONTEXT:]
+        logits = apply(jnp.asarray([window + [0] * (CONTEXT - len(window))], jnp.int32))[0, len(window) - 1]
+        new.append(int(jnp.argmax(logits)))
+        sequence.append(new[-1])
+    return new
+
+
+def prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 97, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_greedy_cached_decoding_is_recomputation_for_a_ragged_batch_past_the_context(kind):
+    model, params = tiny(kind)
+    batch = prompts([1, 5, 37])
+    steps = 40  # the 37-token prompt runs 13 tokens past the 64-token context
+    out = np.asarray(generate(model, params, batch, steps))
+    for row, prompt in zip(out, batch):
+        assert row.tolist() == recomputed_greedy(model, params, prompt, steps)
+
+
+def test_each_cached_step_gives_the_recomputed_logits():
+    model, params = tiny("gpt3 dense+banded")
+    [prompt] = prompts([11])
+    caches = advance(init_caches(model.cfg, 1), jnp.zeros(1, jnp.int32), jnp.array([11]))
+    logits, caches = model.apply({"params": params}, jnp.array([prompt]), caches, method=GPT.extend)
+    sequence = list(prompt)
+    for position in range(11, 30):
+        token = int(jnp.argmax(logits[0, -1]))
+        sequence.append(token)
+        caches = advance(caches, jnp.array([position]), jnp.ones(1, jnp.int32))
+        logits, caches = model.apply({"params": params}, jnp.array([[token]]), caches, method=GPT.extend)
+        expected = model.apply({"params": params}, jnp.array([sequence]))[0, -1]
+        np.testing.assert_allclose(logits[0, -1], expected, atol=1e-5)
+
+
+def test_a_short_prompt_beside_a_long_one_generates_what_it_generates_alone():
+    model, params = tiny("gpt3 dense+banded")
+    short, long = prompts([3, 30], seed=4)
+    together = generate(model, params, [short, long], 12)
+    np.testing.assert_array_equal(together[0], generate(model, params, [short], 12)[0])
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_last_tokens():
+    model, params = tiny("dense")
+    [prompt] = prompts([CONTEXT + 20])
+    np.testing.assert_array_equal(generate(model, params, [prompt], 5), generate(model, params, [prompt[-CONTEXT:]], 5))
+
+
+def test_rows_stop_at_their_first_stop_token_and_repeat_it():
+    model, params = tiny("dense")
+    [prompt] = prompts([6])
+    free = np.asarray(generate(model, params, [prompt], 10))[0]
+    stop = int(free[3])
+    first = free.tolist().index(stop)
+    cut = np.asarray(generate(model, params, [prompt], 10, stop_tokens=(stop,)))[0]
+    assert cut.tolist() == [*free[: first + 1].tolist(), *[stop] * (9 - first)]
+
+
+def test_zero_or_one_new_tokens_and_bad_prompts():
+    model, params = tiny("dense")
+    assert generate(model, params, [[1, 2]], 0).shape == (1, 0)
+    assert generate(model, params, [[1, 2]], 1).shape == (1, 1)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, params, [[1], []], 3)
+    with pytest.raises(ValueError, match=r"ids in \[0, 97\]"):
+        generate(model, params, [[0, 97]], 3)
+    with pytest.raises(ValueError, match="needs an rng"):
+        generate(model, params, [[1]], 3, temperature=1.0)
+
+
+def test_samples_follow_the_tempered_distribution_cut_by_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    draws = lambda n, **cut: np.asarray(
+        jax.vmap(lambda key: choose(logits, key, **cut)[0])(jax.random.split(jax.random.key(0), n))
+    )
+    frequency = lambda tokens: np.bincount(tokens, minlength=4) / tokens.size
+    tempered = jax.nn.softmax(logits[0] / 2.0)
+    assert np.abs(frequency(draws(20000, temperature=2.0, top_k=None, top_p=None)) - tempered).sum() < 0.03
+    assert np.abs(frequency(draws(20000, temperature=1.0, top_k=2, top_p=None)) - [0.625, 0.375, 0, 0]).sum() < 0.03
+    # top-p 0.8: 0.5 + 0.3 reach it, so exactly the first two tokens remain
+    assert np.abs(frequency(draws(20000, temperature=1.0, top_k=None, top_p=0.8)) - [0.625, 0.375, 0, 0]).sum() < 0.03
+    assert set(draws(2000, temperature=1.0, top_k=None, top_p=0.81).tolist()) == {0, 1, 2}
+
+
+def test_sampling_is_a_pure_function_of_the_key():
+    model, params = tiny("dense")
+    batch = prompts([4, 4])
+    sample = lambda seed: np.asarray(generate(model, params, batch, 16, temperature=1.0, rng=jax.random.key(seed)))
+    np.testing.assert_array_equal(sample(0), sample(0))
+    assert (sample(0) != sample(1)).any()
+
+
+def test_banded_caches_hold_the_window_not_the_context():
+    def decode_argument_bytes(context: int) -> tuple[int, int]:
+        cfg = configs.gpt(
+            "gpt3-small", num_layers=2, d_model=32, num_heads=4, d_ff=64, context_length=context, vocab_size=97,
+            attention_pattern=("banded",), window=16,
+        )  # fmt: skip
+        model = GPT(cfg)
+        params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+        step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=GPT.extend))
+        compiled = step.lower(params, jax.ShapeDtypeStruct((2, 1), jnp.int32), init_caches(cfg, 2)).compile()
+        memory = compiled.memory_analysis()
+        return memory.argument_size_in_bytes, memory.temp_size_in_bytes
+
+    (args_short, temp_short), (args_long, temp_long) = decode_argument_bytes(64), decode_argument_bytes(1024)
+    assert args_long - args_short == (1024 - 64) * 32 * 4  # only the position table grows
+    assert temp_long == temp_short

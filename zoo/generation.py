@@ -1,0 +1,151 @@
+"""Generation from a GPT with a KV cache: one prefill of the whole prompt batch, then one compiled
+loop of single-token steps over the cache (`GPT.extend`), stopping early once every row has stopped.
+
+    new = generate(model, params, [[5, 6, 7], [8]], max_new_tokens=20)                 # greedy
+    new = generate(model, params, prompts, 20, temperature=0.8, top_p=0.95, rng=key)  # sampled
+
+Rows keep their own positions: a short prompt beside a long one generates what it generates alone.
+Prompts are right-padded to a bucket (a power of two from 8 up to the context length), so a new
+prompt length compiles again only when it needs a larger bucket. A prompt longer than the context
+keeps its last `context_length` tokens. Past the context, each step recomputes the model over the
+row's last `context_length` tokens (at positions 0 … T-1, as training saw them): the cache
+holds keys at absolute positions, which a sliding window would shift.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.models.gpt import GPT, advance, init_caches
+
+MIN_BUCKET = 8
+
+
+def generate(
+    model: GPT,
+    params: Any,
+    prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """The new tokens, int32 [B, max_new_tokens], of each prompt (token-id sequences of any
+    lengths, or an int array [B, P]), each row cut at its first stop token (kept; the rest of the
+    row repeats it). temperature=0 is greedy; otherwise `rng` is required and the result is a pure
+    function of it. Temperature divides the logits before top-k and top-p cut them; top-p keeps the
+    smallest set of most likely tokens whose probability reaches p (exactly, over the whole
+    vocabulary)."""
+    cfg = model.cfg
+    rows = [np.asarray(row, np.int64).reshape(-1) for row in prompts]
+    if not rows or any(row.size == 0 for row in rows):
+        raise ValueError("every prompt needs at least one token (an empty prompt has nothing to continue)")
+    low, high = min(int(row.min()) for row in rows), max(int(row.max()) for row in rows)
+    if low < 0 or high >= cfg.vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, vocab_size={cfg.vocab_size}), got ids in [{low}, {high}]")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng key")
+    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k={top_k} must be in [1, vocab_size={cfg.vocab_size}] (None: no cut)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (None: no cut)")
+    rows = [row[-cfg.context_length :] for row in rows]  # longer prompts: the latest tokens
+    lengths = np.array([row.size for row in rows], np.int32)
+    bucket = min(max(MIN_BUCKET, 1 << int(lengths.max() - 1).bit_length()), cfg.context_length)
+    padded = np.zeros((len(rows), bucket), np.int32)
+    for i, row in enumerate(rows):
+        padded[i, : row.size] = row
+    if max_new_tokens == 0:
+        return jnp.zeros((len(rows), 0), jnp.int32)
+    sampling = (float(temperature), top_k, top_p, tuple(int(t) for t in stop_tokens))
+    key = jax.random.key(0) if rng is None else rng
+    return _generate(model, params, jnp.asarray(padded), jnp.asarray(lengths), key, max_new_tokens, sampling)
+
+
+def choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
+    """Next tokens [B] from float32 logits [B, vocab]: the argmax at temperature 0, else a sample of
+    softmax(logits / temperature) restricted to the top-k tokens, then to the top-p nucleus."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p  # the mass before a token is short of p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _generate(
+    model: GPT,
+    params: Any,
+    prompt: jax.Array,
+    lengths: jax.Array,
+    rng: jax.Array,
+    max_new: int,
+    sampling: tuple[float, int | None, float | None, tuple[int, ...]],
+) -> jax.Array:
+    temperature, top_k, top_p, stop_tokens = sampling
+    cfg, variables = model.cfg, {"params": params}
+    batch, bucket = prompt.shape
+    rows = jnp.arange(batch)
+    caches = advance(init_caches(cfg, batch), jnp.zeros(batch, jnp.int32), lengths)
+    logits, caches = model.apply(variables, prompt, caches, method=GPT.extend)
+    sequence = jnp.zeros((batch, bucket + max_new), jnp.int32).at[:, :bucket].set(prompt)
+
+    def cached(token: jax.Array, position: jax.Array, caches: Any, sequence: jax.Array) -> tuple[jax.Array, Any]:
+        logits, caches = model.apply(
+            variables, token[:, None], advance(caches, position, jnp.ones_like(position)), method=GPT.extend
+        )
+        return logits[:, 0], caches
+
+    def recomputed(token: jax.Array, position: jax.Array, caches: Any, sequence: jax.Array) -> tuple[jax.Array, Any]:
+        """The model over each row's last context_length tokens, as if there were no cache."""
+        length = position + 1
+        start = jnp.maximum(length - cfg.context_length, 0)
+        window = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (cfg.context_length,)))(
+            jnp.pad(sequence, ((0, 0), (0, cfg.context_length))), start
+        )
+        logits = model.apply(variables, window)
+        return logits[rows, length - start - 1], caches
+
+    def step(state: tuple) -> tuple:
+        i, logits, caches, sequence, position, out, done, fill = state
+        token = choose(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+        token = jnp.where(done, fill, token)
+        stopped = jnp.isin(token, jnp.asarray(stop_tokens, jnp.int32)) if stop_tokens else jnp.zeros_like(done)
+        fill = jnp.where(done, fill, token)
+        done = done | stopped
+        out = out.at[:, i].set(token)
+        sequence = sequence.at[rows, position].set(token)
+        fits = jnp.all(done | (position < cfg.context_length))
+        logits, caches = jax.lax.cond(fits, cached, recomputed, token, position, caches, sequence)
+        return i + 1, logits, caches, sequence, position + 1, out, done, fill
+
+    def going(state: tuple) -> jax.Array:
+        i, *_, done, _ = state
+        return (i < max_new) & ~jnp.all(done)
+
+    out = jnp.zeros((batch, max_new), jnp.int32)
+    done = jnp.zeros(batch, bool)
+    state = (0, logits[rows, lengths - 1], caches, sequence, lengths, out, done, jnp.zeros(batch, jnp.int32))
+    i, _, _, _, _, out, done, fill = jax.lax.while_loop(going, step, state)
+    return jnp.where(jnp.arange(max_new) < i, out, fill[:, None])
