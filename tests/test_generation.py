@@ -69,15 +69,17 @@ def test_greedy_cached_decoding_is_recomputation_for_a_ragged_batch_past_the_con
 def test_each_cached_step_gives_the_recomputed_logits():
     model, params = tiny("gpt3 dense+banded")
     [prompt] = prompts([11])
+    extend = jax.jit(lambda tokens, caches: model.apply({"params": params}, tokens, caches, method=GPT.extend))
+    full = jax.jit(lambda window: model.apply({"params": params}, window))
     caches = advance(init_caches(model.cfg, 1), jnp.zeros(1, jnp.int32), jnp.array([11]))
-    logits, caches = model.apply({"params": params}, jnp.array([prompt]), caches, method=GPT.extend)
+    logits, caches = extend(jnp.array([prompt]), caches)
     sequence = list(prompt)
     for position in range(11, 30):
         token = int(jnp.argmax(logits[0, -1]))
         sequence.append(token)
         caches = advance(caches, jnp.array([position]), jnp.ones(1, jnp.int32))
-        logits, caches = model.apply({"params": params}, jnp.array([[token]]), caches, method=GPT.extend)
-        expected = model.apply({"params": params}, jnp.array([sequence]))[0, -1]
+        logits, caches = extend(jnp.array([[token]]), caches)
+        expected = full(jnp.array([sequence + [0] * (CONTEXT - len(sequence))]))[0, len(sequence) - 1]
         np.testing.assert_allclose(logits[0, -1], expected, atol=1e-5)
 
 
