@@ -8,6 +8,8 @@ import sys
 
 from subprocess_env import cpu_environment
 
+import zoo
+from zoo import sharding
 from zoo.data.text import prepare_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -40,6 +42,7 @@ FLAGS_USERS_NEED = {
     "vit_b16_imagenet.py": (*TRAINING, "--data-dir", "--mock"),
     "bench_attention.py": ("--lengths", "--windows", "--implementations", "--repeats", "--json"),
     "prepare_text.py": ("--tfds", "--text-dir", "--tokenizer", "--workers", "--data-dir"),
+    "generate.py": ("--workdir", "--prompt", "--prompt-file", "--temperature", "--top-p", "--max-new-tokens"),
     "bench_tokenizers.py": ("--chinese", "--vocab-sizes", "--json"),
     "bench_data.py": ("--scales", "--workers", "--batches", "--json"),
     "bench_input.py": ("--experiments", "--steps", "--prefetch", "--synthetic", "--json"),
@@ -101,6 +104,15 @@ def test_default_experiment_trains_evaluates_and_samples(tmp_path):
     assert config["model"]["num_layers"] == 2 and config["model"]["window"] == 8
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
     assert (tmp_path / "run" / "loss.png").exists() and any((tmp_path / "run" / "tensorboard").iterdir())
+    # the run loads back (saved on one device, laid out here over 8 under FSDP) and generates
+    run_ = zoo.load(tmp_path / "run", sharding.mesh_for("fsdp=-1"))
+    assert run_.step == 3 and run_.model.cfg.num_layers == 2
+    prompt = run_.tokenizer.encode("ROMEO.")
+    with sharding.sharding_context(sharding.mesh_for("fsdp=-1")):
+        greedy = zoo.generate(run_.model, run_.params, [prompt], 6, stop_tokens=(run_.tokenizer.eos_id,))
+    out = run("generate.py", "--workdir", str(tmp_path / "run"), "--prompt", "ROMEO.", "--temperature", "0",
+              "--max-new-tokens", "6")  # fmt: skip
+    assert f"ROMEO.{run_.tokenizer.decode(greedy[0].tolist())}" in out and "(step 3)" in out
 
 
 def test_gpt3_trains_any_preset_scaled_down_on_a_store_prepared_ahead(tmp_path, capfd):

@@ -3,5 +3,6 @@
 from zoo import configs, interop, models, nn
 from zoo.generation import generate
 from zoo.models import GPT, GPTConfig, ViT, ViTConfig
+from zoo.runs import load
 
-__all__ = ["GPT", "GPTConfig", "ViT", "ViTConfig", "configs", "generate", "interop", "models", "nn"]
+__all__ = ["GPT", "GPTConfig", "ViT", "ViTConfig", "configs", "generate", "interop", "load", "models", "nn"]

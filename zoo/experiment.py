@@ -24,6 +24,7 @@ from zoo.data.text import PackedCorpus, open_corpus, prepare_corpus
 from zoo.generation import generate
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.models.vit import ViT, ViTConfig
+from zoo.paths import write_atomically
 from zoo.train import recipes
 from zoo.train.loop import LoopConfig, Task, train
 from zoo.train.recipes import Recipe
@@ -334,6 +335,9 @@ def run_language_model(args: argparse.Namespace, cfg: GPTConfig, recipe: str, **
     )
     base = recipes.recipe(recipe, batch=args.batch, steps=args.steps, context_length=cfg.context_length)
     chosen = recipe_from_flags(args, dataclasses.replace(base, **recipe_changes))
+    if jax.process_index() == 0:  # zoo.load reads the run's tokenizer from its workdir
+        epath.Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        write_atomically(epath.Path(args.workdir) / corpus.tokenizer.FILE_NAME, corpus.tokenizer.serialized())
     summary = _train(args, task, mesh, cfg, chosen, TEXT_DATA_FLAGS)
     if summary.get("preempted"):
         return summary

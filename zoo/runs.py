@@ -1,0 +1,68 @@
+"""A trained run, loaded back from its workdir: the model, its params (read without the optimizer
+state) and the tokenizer the run trained with, to sample, evaluate or fine-tune later.
+
+    run = zoo.load("runs/default")
+    new = zoo.generate(run.model, run.params, [run.tokenizer.encode("ROMEO.")], 100)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh
+
+from zoo import sharding
+from zoo.models.gpt import GPT, GPTConfig
+from zoo.paths import absolute
+from zoo.tokenizer import ByteLevelBPE, TextTokenizer, Tokenizer, load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What `load` returns."""
+
+    model: GPT
+    params: Any
+    tokenizer: TextTokenizer
+    step: int
+    config: dict
+
+
+def load(workdir: str | os.PathLike, mesh: Mesh | None = None) -> Run:
+    """The language-model run in `workdir` (local or gs://) at its newest checkpoint, its params laid
+    out on `mesh` (default: every device, replicated over a data axis) by the logical rules, whatever
+    layout it was saved under."""
+    workdir = epath.Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
+    config = json.loads((workdir / "config.json").read_text())
+    fields = {name: tuple(value) if isinstance(value, list) else value for name, value in config["model"].items()}
+    if set(fields) != {field.name for field in dataclasses.fields(GPTConfig)}:
+        raise ValueError(f"{workdir} is not a language-model run (its model config is not a GPTConfig)")
+    model = GPT(GPTConfig(**fields))
+    mesh = mesh or sharding.mesh_for("data=-1")
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    abstract = jax.tree.map(
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+        nn.unbox(boxed),
+        sharding.logical_shardings(boxed, mesh),
+    )
+    with ocp.CheckpointManager(absolute(workdir / "checkpoints")) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir} has no checkpoint yet")
+        item = {"params": abstract}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        state = ocp.args.PyTreeRestore(item, restore_args, partial_restore=True)  # the params only
+        restored = manager.restore(step, args=ocp.args.Composite(state=state))
+    files = [workdir / kind.FILE_NAME for kind in (Tokenizer, ByteLevelBPE)]
+    tokenizer = load_tokenizer(next((path for path in files if path.exists()), files[0]))
+    return Run(model, restored.state["params"], tokenizer, int(step), config)
