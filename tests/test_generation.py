@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zoo import configs
+from zoo import configs, sharding
 from zoo.generation import choose, generate
 from zoo.models.gpt import GPT, advance, init_caches
 
@@ -81,6 +81,17 @@ def test_each_cached_step_gives_the_recomputed_logits():
         logits, caches = extend(jnp.array([[token]]), caches)
         expected = full(jnp.array([sequence + [0] * (CONTEXT - len(sequence))]))[0, len(sequence) - 1]
         np.testing.assert_allclose(logits[0, -1], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["dp", "fsdp"])
+def test_decoding_under_a_layout_gives_the_one_device_tokens(layout):
+    model, params = tiny("gpt3 dense+banded")
+    batch = prompts([3, 9, 5, 7, 2, 4, 8, 6], seed=2)  # 8 rows: the batch splits over the devices
+    alone = generate(model, params, batch, 10)
+    mesh = sharding.mesh_for(layout)
+    with sharding.sharding_context(mesh):
+        sharded = jax.device_put(params, sharding.logical_shardings(params, mesh))
+        np.testing.assert_array_equal(generate(model, sharded, batch, 10), alone)
 
 
 def test_a_short_prompt_beside_a_long_one_generates_what_it_generates_alone():

@@ -135,6 +135,10 @@ class SelfAttention(nn.Module):
                 self.window,
             )
             cache = cache.written(k, v)
+            names = ("batch", "length", "heads", "head_dim")  # the cache shards like the keys it holds
+            cache = cache.replace(
+                k=nn.with_logical_constraint(cache.k, names), v=nn.with_logical_constraint(cache.v, names)
+            )
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = Projection(
             (cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg.residual_init_std, **common, name="out"
