@@ -20,7 +20,6 @@ already written are kept: a killed preparation, rerun, goes on where it stopped.
 import argparse
 
 from zoo import experiment
-from zoo.data.text import prepare_corpus
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,19 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--host {args.host} must be in [0, --hosts {args.hosts})")
     if args.store:
         parser.error("--store opens a prepared store; this script prepares one (in --store-dir)")
-    corpus = prepare_corpus(
-        args.data_dir,
-        1,  # rows are cut when read; the store does not depend on the context length
-        args.vocab_size,
-        tfds_name=args.tfds,
-        text_dir=args.text_dir,
-        eval_split=args.eval_split,
-        tokenizer_path=args.tokenizer,
-        workers=args.workers,
-        host=args.host,
-        hosts=args.hosts,
-        store_dir=args.store_dir,
-    )
+    corpus = experiment.corpus_from_flags(args, 1, args.host, args.hosts)  # rows are cut when read: any length
     if corpus is None:
         print(f"host {args.host} of {args.hosts}: its shards are written; run once without --hosts to finish")
         return

@@ -314,7 +314,7 @@ def run_language_model(args: argparse.Namespace, cfg: GPTConfig, recipe: str, **
     mesh = start(args)
     check_batch(args, mesh)
     cfg = configs.override(cfg, args.set)
-    corpus = _shared(lambda: _corpus(args, cfg.context_length))
+    corpus = _shared(lambda: corpus_from_flags(args, cfg.context_length))
     if not any(item.startswith("vocab_size=") for item in args.set):
         cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     corpus.tokenizer.check_vocab(cfg.vocab_size)
@@ -379,8 +379,9 @@ def _train(
     return train(task, recipes.optimizer(recipe), mesh, args.workdir, loop_config(args), config)
 
 
-def _corpus(args: argparse.Namespace, length: int) -> PackedCorpus:
-    """The corpus the flags name: a prepared token store (--store), or a corpus tokenized into one."""
+def corpus_from_flags(args: argparse.Namespace, length: int, host: int = 0, hosts: int = 1) -> PackedCorpus | None:
+    """The corpus `add_corpus_flags`' flags name: a prepared token store (--store), or a corpus
+    tokenized into one (with hosts > 1, this host's share of it: None)."""
     if args.store:
         return open_corpus(args.store, length, args.eval_split, args.max_documents)
     return prepare_corpus(
@@ -393,6 +394,8 @@ def _corpus(args: argparse.Namespace, length: int) -> PackedCorpus:
         tokenizer_path=args.tokenizer,
         max_documents=args.max_documents,
         workers=args.workers,
+        host=host,
+        hosts=hosts,
         store_dir=args.store_dir,
     )
 

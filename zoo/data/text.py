@@ -301,23 +301,8 @@ class PackedCorpus(NamedTuple):
     validation: TokenRows
 
 
-def prepare_shakespeare(
-    data_dir: str | os.PathLike,
-    length: int,
-    vocab_size: int = 4096,
-    validation: tuple[str, ...] = shakespeare.VALIDATION_PLAYS,
-    *,
-    tokenizer_path: str | os.PathLike | None = None,
-    max_documents: int | None = None,
-    workers: int = 1,
-    host: int = 0,
-    hosts: int = 1,
-    store_dir: str | os.PathLike | None = None,
-) -> PackedCorpus | None:
-    """The shipped Shakespeare as packed rows (at most `max_documents` plays a split, in name order); the
-    tokenizer is loaded from `tokenizer_path`, or trained on train; the tfds build and tokenizer are cached."""
-    tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path)  # a bad path fails first
-    data_dir = epath.Path(data_dir)
+def shipped_builder(data_dir: epath.Path, validation: tuple[str, ...]) -> tuple[tfds.core.DatasetBuilder, str]:
+    """The shipped Shakespeare built as local text files (`validation` plays held out), and its name."""
     texts = shakespeare.works()
     unknown = set(validation) - set(texts)
     if unknown:
@@ -328,21 +313,18 @@ def prepare_shakespeare(
             folder = pathlib.Path(source) / ("validation" if play in validation else "train")
             folder.mkdir(exist_ok=True)
             (folder / f"{play}.txt").write_text(text, encoding="utf-8")
-        builder = build_text_files(source, data_dir, name, ("train", "validation"))
-    return _pack(
-        builder,
-        "validation",
-        tokenizer,
-        data_dir,
-        name,
-        vocab_size,
-        length,
-        max_documents,
-        workers=workers,
-        host=host,
-        hosts=hosts,
-        store_dir=store_dir,
-    )
+        return build_text_files(source, data_dir, name, ("train", "validation")), name
+
+
+def prepare_shakespeare(
+    data_dir: str | os.PathLike,
+    length: int,
+    vocab_size: int = 4096,
+    validation: tuple[str, ...] = shakespeare.VALIDATION_PLAYS,
+    **options: Any,
+) -> PackedCorpus | None:
+    """The shipped Shakespeare as packed rows, `validation` plays held out (`prepare_corpus`'s options)."""
+    return prepare_corpus(data_dir, length, vocab_size, validation_plays=validation, **options)
 
 
 def prepare_corpus(
@@ -353,6 +335,7 @@ def prepare_corpus(
     tfds_name: str | None = None,
     text_dir: str | os.PathLike | None = None,
     eval_split: str = "validation",
+    validation_plays: tuple[str, ...] = shakespeare.VALIDATION_PLAYS,
     tokenizer_path: str | os.PathLike | None = None,
     max_documents: int | None = None,
     workers: int = 1,
@@ -362,30 +345,21 @@ def prepare_corpus(
 ) -> PackedCorpus | None:
     """Packed rows of a tfds text dataset by name (downloaded if needed), of local text files
     (`text_dir`/train/*.txt and `text_dir`/<eval_split>/*.txt), or else of the shipped
-    Shakespeare, at most `max_documents` documents a split. The tokenizer is loaded from
-    `tokenizer_path`, or trained on the training split and cached in `data_dir`, keyed by its inputs."""
-    if tfds_name is None and text_dir is None:
-        if eval_split != "validation":
-            raise ValueError(f"the shipped Shakespeare has the splits train and validation, not {eval_split!r}")
-        return prepare_shakespeare(
-            data_dir,
-            length,
-            vocab_size,
-            tokenizer_path=tokenizer_path,
-            max_documents=max_documents,
-            workers=workers,
-            host=host,
-            hosts=hosts,
-            store_dir=store_dir,
-        )
+    Shakespeare (`validation_plays` held out), at most `max_documents` documents a split (plays in
+    name order). The tokenizer is loaded from `tokenizer_path`, or trained on the training split and
+    cached in `data_dir`, keyed by its inputs; the corpus is tokenized once into a token store."""
+    if tfds_name is None and text_dir is None and eval_split != "validation":
+        raise ValueError(f"the shipped Shakespeare has the splits train and validation, not {eval_split!r}")
     tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path)  # a bad path fails first
     data_dir = epath.Path(data_dir)
     if text_dir is not None:
         name = absolute(text_dir).name
         builder = build_text_files(text_dir, data_dir, name, ("train", eval_split))
-    else:
+    elif tfds_name is not None:
         name = tfds_name.replace("/", "-")
         builder = tfds_builder(tfds_name, data_dir)
+    else:
+        builder, name = shipped_builder(data_dir, validation_plays)
     return _pack(
         builder,
         eval_split,
