@@ -207,29 +207,20 @@ def gcs_names(url: str, prefix: str) -> set[str]:
 def test_a_gs_workdir_holds_every_output_and_the_rerun_resumes_from_it_reading_a_gs_token_store(
     gcs, data_dir, tmp_path
 ):
+    def in_gcs(*args) -> str:
+        """Run a command with the fake as its Cloud Storage; its output."""
+        result = subprocess.run(
+            [*map(str, args)], env=gcs_environment(gcs), cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
     prepare = [ROOT / "experiments" / "prepare_text.py", "--data-dir", data_dir, "--vocab-size", "512"]
-    result = subprocess.run(
-        [sys.executable, *map(str, prepare), "--store-dir", "gs://bucket/stores"],
-        env=gcs_environment(gcs),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    store = result.stdout.split("--store ")[1].strip()
+    store = in_gcs(sys.executable, *prepare, "--store-dir", "gs://bucket/stores").split("--store ")[1].strip()
     assert store.startswith("gs://bucket/stores/")
     assert f"{store.removeprefix('gs://bucket/')}/index.json" in gcs_names(gcs, "stores/")
     for steps in (4, 6):
-        result = subprocess.run(
-            command("gs://bucket/run", data_dir, steps, "--store", store),
-            env=gcs_environment(gcs),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        in_gcs(*command("gs://bucket/run", data_dir, steps, "--store", store))
     names = gcs_names(gcs, "run/")
     assert {"run/config.json", "run/metrics.jsonl", "run/loss.png"} <= names
     assert any(name.startswith("run/tensorboard/events.out.tfevents.") for name in names)
