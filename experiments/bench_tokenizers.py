@@ -3,10 +3,12 @@ per character and per UTF-8 byte of held-out text, on the shipped Shakespeare (M
 Tempest held out) and on classical Chinese poems (every tenth poem held out), each tokenizer
 trained on the rest of its corpus. Fewer tokens per byte: more text in a context, cheaper steps.
 
-    python experiments/bench_tokenizers.py --chinese ../shared/data/chinese-poems/tang300.txt
+    python experiments/bench_tokenizers.py --chinese tang300.txt
     python experiments/bench_tokenizers.py --vocab-sizes 1024 4096 --json tokenizers.json
 
-The Chinese file is the fortunes format of `fortunes-zh` (poems separated by lines holding "%").
+The Chinese file is in the fortunes format (poems separated by lines holding "%"), e.g. the Three
+Hundred Tang Poems of Debian's `fortunes-zh` (/usr/share/games/fortunes/tang300) with its terminal
+colour codes stripped.
 """
 
 from __future__ import annotations
