@@ -26,6 +26,7 @@ would read whole documents through a second index from tokens to records.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import io
 import json
@@ -122,7 +123,7 @@ def build_store(
     bar = tqdm(total=len(jobs), desc=f"tokenizing {name} (shards)", unit="shard", disable=not progress)
     start, written, documents = time.perf_counter(), 0, 0
     with _pool(workers) as pool:
-        for stats in pool.map(job, *zip(*jobs)) if jobs else ():
+        for stats in (pool.map if pool else map)(job, *zip(*jobs)) if jobs else ():
             written, documents = written + stats["bytes"], documents + stats["documents"]
             rate = written / 1e6 / (time.perf_counter() - start)
             bar.set_postfix(documents=f"{documents:,}", MB_s=f"{rate:.1f}", refresh=False)
@@ -144,23 +145,10 @@ def build_store(
 
 
 def _pool(workers: int) -> Any:
-    """`workers` spawned processes (a forked JAX process can deadlock), or this process alone."""
+    """`workers` spawned processes (a forked JAX process can deadlock), or None: this process alone."""
     if workers <= 1:
-        return _InProcess()
+        return contextlib.nullcontext()
     return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
-
-class _InProcess:
-    """The executor interface, running each job here, in order."""
-
-    def __enter__(self) -> _InProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def map(self, fn: Any, *iterables: Any) -> Any:
-        return map(fn, *iterables)
 
 
 @functools.cache
@@ -178,12 +166,11 @@ def _write_shard(
 ) -> dict:
     """Tokenize documents [shard, shard + 1) · documents_per_shard of `split`; write the shard's
     arrays, then its counts (each file atomically): the counts mark the shard finished."""
-    from zoo.data.text import read_records  # here: the worker process imports only what it needs
+    from zoo.data.text import read_records, record_text  # here: zoo.data.text imports this module
 
     source, tokenizer = _source(dataset_dir, split), _tokenizer(model)
     keys = range(shard * documents_per_shard, min((shard + 1) * documents_per_shard, len(source)))
-    texts = [record[text_key] for record in read_records(source, keys)]
-    texts = [text.decode("utf-8") if isinstance(text, bytes) else str(text) for text in texts]
+    texts = [record_text(record, text_key) for record in read_records(source, keys)]
     dtype = store_dtype(tokenizer.vocab_size)
     ids = [np.array([*tokenizer.encode(text), tokenizer.eos_id], dtype) for text in texts]  # 2-4 bytes a token
     tokens = np.concatenate(ids) if ids else np.zeros(0, dtype)

@@ -250,11 +250,16 @@ def records(source: Any) -> Iterator[dict[str, Any]]:
         yield from read_records(source, range(start, min(start + READ_CHUNK, len(source))))
 
 
+def record_text(record: dict[str, Any], text_key: str = "text") -> str:
+    """A record's text, decoded from UTF-8 (tfds data sources give bytes)."""
+    text = record[text_key]
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
 def source_texts(source: Any, text_key: str = "text") -> Iterator[str]:
     """The texts of a tfds data source, decoded from UTF-8, in index order."""
     for record in records(source):
-        text = record[text_key]
-        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        yield record_text(record, text_key)
 
 
 def tfds_builder(name: str, data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
@@ -285,8 +290,7 @@ def tokenizer_sample(
     for start in range(0, size, READ_CHUNK):
         keys = order[start : start + READ_CHUNK]
         for key, record in zip(keys, read_records(source, keys)):
-            text = record[text_key]
-            chosen.append((int(key), text.decode("utf-8") if isinstance(text, bytes) else str(text)))
+            chosen.append((int(key), record_text(record, text_key)))
             total += len(chosen[-1][1].encode("utf-8"))
             if total >= max_bytes:
                 return [text for _, text in sorted(chosen)]
