@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from zoo import sharding
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.paths import absolute
-from zoo.tokenizer import ByteLevelBPE, TextTokenizer, Tokenizer, load_tokenizer
+from zoo.tokenizer import TextTokenizer, tokenizer_in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,4 @@ def load(workdir: str | os.PathLike, mesh: Mesh | None = None) -> Run:
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         state = ocp.args.PyTreeRestore(item, restore_args, partial_restore=True)  # the params only
         restored = manager.restore(step, args=ocp.args.Composite(state=state))
-    files = [workdir / kind.FILE_NAME for kind in (Tokenizer, ByteLevelBPE)]
-    tokenizer = load_tokenizer(next((path for path in files if path.exists()), files[0]))
-    return Run(model, restored.state["params"], tokenizer, int(step), config)
+    return Run(model, restored.state["params"], tokenizer_in(workdir), int(step), config)

@@ -257,6 +257,12 @@ def tokenizer_from_bytes(data: bytes) -> TextTokenizer:
     return Tokenizer(spm.SentencePieceProcessor(model_proto=data))
 
 
+def tokenizer_in(folder: str | os.PathLike) -> TextTokenizer:
+    """The tokenizer whose file (`tokenizer.model` or `tokenizer.json`) `folder` holds, e.g. a run's or a store's."""
+    files = [epath.Path(folder) / kind.FILE_NAME for kind in (Tokenizer, ByteLevelBPE)]
+    return load_tokenizer(next((path for path in files if path.exists()), files[0]))
+
+
 def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     """A sentencepiece `.model` file, or a byte-level BPE (`tokenizer.json`, or a folder with it or
     with GPT-2's vocab.json and merges.txt), local or at a URL."""

@@ -42,7 +42,7 @@ from etils import epath
 from tqdm import tqdm
 
 from zoo.paths import write_atomically
-from zoo.tokenizer import ByteLevelBPE, TextTokenizer, Tokenizer, fingerprint, load_tokenizer, tokenizer_from_bytes
+from zoo.tokenizer import TextTokenizer, fingerprint, tokenizer_from_bytes, tokenizer_in
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 32_000_000  # text per shard, about: what one worker holds at a time
@@ -220,12 +220,7 @@ class TokenStore:
 
     def tokenizer(self) -> TextTokenizer:
         """The tokenizer the store was made with (a copy of its file lives in the store)."""
-        [path] = [
-            self.folder / name
-            for name in (Tokenizer.FILE_NAME, ByteLevelBPE.FILE_NAME)
-            if (self.folder / name).exists()
-        ]
-        return load_tokenizer(path)
+        return tokenizer_in(self.folder)
 
     def rows(self, split: str, length: int, max_documents: int | None = None) -> TokenRows:
         """Rows of `length` + 1 tokens cut from `split`'s token stream (of its first `max_documents`
