@@ -14,6 +14,7 @@ from zoo.generation import choose, generate
 from zoo.models.gpt import GPT, advance, init_caches
 
 CONTEXT = 64
+VOCAB = 96  # divides the tensor axis, which shards the vocabulary
 MODELS = {
     "dense": dict(attention_pattern=("dense",)),
     "gpt3 dense+banded": dict(attention_pattern=("dense", "banded"), window=8),
@@ -30,7 +31,7 @@ def tiny(kind: str):
         num_heads=4,
         d_ff=64,
         context_length=CONTEXT,
-        vocab_size=97,
+        vocab_size=VOCAB,
         dropout=0.0,
         **MODELS[kind],
     )
@@ -53,7 +54,7 @@ def recomputed_greedy(model, params, prompt, steps) -> list[int]:
 
 def prompts(lengths, seed=0):
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 97, n).tolist() for n in lengths]
+    return [rng.integers(0, VOCAB, n).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -83,12 +84,13 @@ def test_each_cached_step_gives_the_recomputed_logits():
         np.testing.assert_allclose(logits[0, -1], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["dp", "fsdp"])
+@pytest.mark.parametrize("layout", ["dp", "fsdp", "tensor=4", "fsdp_tp"])
 def test_decoding_under_a_layout_gives_the_one_device_tokens(layout):
     model, params = tiny("gpt3 dense+banded")
     batch = prompts([3, 9, 5, 7, 2, 4, 8, 6], seed=2)  # 8 rows: the batch splits over the devices
     alone = generate(model, params, batch, 10)
-    mesh = sharding.mesh_for(layout)
+    devices = jax.devices()[:4] if layout == "tensor=4" else None  # the 4 heads split over 4 devices
+    mesh = sharding.mesh_for(layout, devices)
     with sharding.sharding_context(mesh):
         sharded = jax.device_put(params, sharding.logical_shardings(params, mesh))
         np.testing.assert_array_equal(generate(model, sharded, batch, 10), alone)
@@ -123,8 +125,8 @@ def test_zero_or_one_new_tokens_and_bad_prompts():
     assert generate(model, params, [[1, 2]], 1).shape == (1, 1)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, params, [[1], []], 3)
-    with pytest.raises(ValueError, match=r"ids in \[0, 97\]"):
-        generate(model, params, [[0, 97]], 3)
+    with pytest.raises(ValueError, match=r"ids in \[0, 96\]"):
+        generate(model, params, [[0, VOCAB]], 3)
     with pytest.raises(ValueError, match="needs an rng"):
         generate(model, params, [[1]], 3, temperature=1.0)
 
@@ -154,7 +156,7 @@ def test_sampling_is_a_pure_function_of_the_key():
 def test_banded_caches_hold_the_window_not_the_context():
     def decode_argument_bytes(context: int) -> tuple[int, int]:
         cfg = configs.gpt(
-            "gpt3-small", num_layers=2, d_model=32, num_heads=4, d_ff=64, context_length=context, vocab_size=97,
+            "gpt3-small", num_layers=2, d_model=32, num_heads=4, d_ff=64, context_length=context, vocab_size=VOCAB,
             attention_pattern=("banded",), window=16,
         )  # fmt: skip
         model = GPT(cfg)
