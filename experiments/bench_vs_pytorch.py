@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = model_config(args.set)
     torch.manual_seed(0)
     model = torch_model(cfg)
-    _, params = interop.from_transformers(model)
+    params = interop.from_transformers(model).params
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, cfg.context_length + 1))
     fields = ("num_layers", "d_model", "num_heads", "d_ff", "context_length", "vocab_size")
     config = {

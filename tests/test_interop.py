@@ -20,8 +20,10 @@ transformers = pytest.importorskip("transformers", reason="the interop extra (to
 from zoo import interop  # noqa: E402
 from zoo.models.gpt import GPT, GPTConfig  # noqa: E402
 from zoo.models.vit import ViT  # noqa: E402
+from zoo.tokenizer import train_byte_level_bpe  # noqa: E402
 
 TOLERANCE = 1e-4
+TEXTS = ["Hello  world,\n\nit's   GPT-2's tokenizer.", "héllo wörld 🙂", "床前明月光，疑是地上霜。"]
 REPO = Path(__file__).resolve().parents[1]
 
 # name: (HF class, HF config class, config kwargs, sequence length); lengths are odd, two fill the context.
@@ -141,7 +143,7 @@ def assert_matches_init(model: nn.Module, params: dict, example: jax.Array) -> N
 
 def test_gpt_logits_match_transformers(gpt_case):
     hf_model, length = gpt_case
-    cfg, params = interop.from_transformers(hf_model)
+    cfg, params, _ = interop.from_transformers(hf_model)
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, length))
     with torch.no_grad():
         expected = hf_model(torch.from_numpy(tokens)).logits.numpy()
@@ -153,7 +155,7 @@ def test_gpt_logits_match_transformers(gpt_case):
 def test_gpt_config_fields(gpt_case):
     hf_model, _ = gpt_case
     hf = hf_model.config
-    cfg, _ = interop.from_transformers(hf_model)
+    cfg, _, _ = interop.from_transformers(hf_model)
     assert (cfg.vocab_size, cfg.context_length, cfg.num_layers, cfg.d_model, cfg.num_heads) == (
         hf.vocab_size,
         hf.n_positions,
@@ -171,14 +173,14 @@ def test_gpt_config_fields(gpt_case):
 def test_gpt_base_model_gives_the_same_params(gpt_case):
     hf_model, _ = gpt_case
     assert hf_model.lm_head.weight.data_ptr() == hf_model.transformer.get_input_embeddings().weight.data_ptr()
-    cfg, params = interop.from_transformers(hf_model)
-    base_cfg, base_params = interop.from_transformers(hf_model.transformer)
+    cfg, params, _ = interop.from_transformers(hf_model)
+    base_cfg, base_params, _ = interop.from_transformers(hf_model.transformer)
     assert base_cfg == cfg
     assert_same_params(base_params, params)
 
 
 def test_vit_logits_match_transformers(vit_model):
-    cfg, params = interop.from_transformers(vit_model)
+    cfg, params, _ = interop.from_transformers(vit_model)
     images = np.random.default_rng(2).normal(size=(2, cfg.num_channels, *cfg.image_size)).astype(np.float32)
     with torch.no_grad():
         expected = vit_model(torch.from_numpy(images)).logits.numpy()
@@ -191,7 +193,7 @@ def test_vit_logits_match_transformers(vit_model):
 
 def test_vit_config_fields(vit_model):
     hf = vit_model.config
-    cfg, _ = interop.from_transformers(vit_model)
+    cfg, _, _ = interop.from_transformers(vit_model)
     square = (hf.image_size, hf.image_size) if isinstance(hf.image_size, int) else tuple(hf.image_size)
     assert (cfg.image_size, cfg.patch_size, cfg.num_channels, cfg.num_classes) == (
         square,
@@ -232,6 +234,8 @@ def saved(tmp_path_factory, gpt2_model):
     for name, model in models.items():
         model.save_pretrained(root / name)
         out[name] = (root / name, interop.from_transformers(model))
+    trained = train_byte_level_bpe(TEXTS * 20, root / "bpe" / "tokenizer.json", 300)
+    transformers.GPT2TokenizerFast(tokenizer_file=str(root / "bpe" / trained.FILE_NAME)).save_pretrained(root / "gpt2")
     gpt2_model.save_pretrained(root / "gpt2-sharded", max_shard_size="20KB")
     assert (root / "gpt2-sharded" / "model.safetensors.index.json").is_file()
     out["gpt2-sharded"] = (root / "gpt2-sharded", out["gpt2"][1])
@@ -239,11 +243,27 @@ def saved(tmp_path_factory, gpt2_model):
 
 
 def test_directory_route_equals_model_route(saved):
-    for name, (directory, (cfg, params)) in saved.items():
-        dir_cfg, dir_params = interop.from_transformers(directory)
+    for name, (directory, (cfg, params, _)) in saved.items():
+        dir_cfg, dir_params, _ = interop.from_transformers(directory)
         assert dir_cfg == cfg, name
         assert_same_params(dir_params, params)
     assert interop.from_transformers(str(saved["vit"][0]))[0] == saved["vit"][1][0]
+
+
+def test_a_gpt2_directory_gives_its_tokenizer_as_transformers_reads_it(saved):
+    directory = saved["gpt2"][0]
+    tokenizer = interop.from_transformers(directory).tokenizer
+    reference = transformers.AutoTokenizer.from_pretrained(directory)
+    for text in TEXTS:
+        assert tokenizer.encode(text) == reference.encode(text), text
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.eos_id == reference.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_no_tokenizer_without_a_gpt2_directory_holding_one(saved):
+    for name in ("gpt2-sharded", "gpt1", "vit"):
+        assert interop.from_transformers(saved[name][0]).tokenizer is None, name
+    assert saved["gpt2"][1].tokenizer is None  # a model object carries no tokenizer
 
 
 def test_directory_route_needs_no_torch(saved, tmp_path):
@@ -260,7 +280,7 @@ def test_directory_route_needs_no_torch(saved, tmp_path):
 
         out = {}
         for name, directory in json.loads(sys.argv[1]).items():
-            cfg, params = interop.from_transformers(directory)
+            cfg, params, _ = interop.from_transformers(directory)
             leaves = jax.tree_util.tree_leaves_with_path(params)
             np.savez(sys.argv[2] + f"/{name}.npz", **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
             out[name] = dataclasses.asdict(cfg)
@@ -279,7 +299,7 @@ def test_directory_route_needs_no_torch(saved, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     configs = json.loads(result.stdout.strip().splitlines()[-1])
-    for name, (_, (cfg, params)) in saved.items():
+    for name, (_, (cfg, params, _)) in saved.items():
         expected_cfg = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples become lists, as in the child
         assert configs[name] == expected_cfg, name
         with np.load(tmp_path / f"{name}.npz") as loaded:

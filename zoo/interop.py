@@ -1,4 +1,5 @@
-"""Weights from Hugging Face `transformers` checkpoints: `cfg, params = from_transformers(model_or_path)`.
+"""Weights from Hugging Face `transformers` checkpoints:
+`cfg, params, tokenizer = from_transformers(model_or_path)`.
 
 Supported classes (and their `save_pretrained` directories):
 - GPT-2: `GPT2LMHeadModel`, `GPT2Model` -> `zoo.models.gpt.GPTConfig` (pre-LN, final LN).
@@ -9,7 +10,10 @@ Supported classes (and their `save_pretrained` directories):
 `nn.unbox(model.init(rng, x)["params"])`. A model object needs torch (its state dict is
 read through it); a directory (config.json + model.safetensors, or a sharded index) is read
 with `json` and `safetensors.numpy` only, without importing torch or transformers.
-Both routes go through `from_state_dict`.
+Both routes go through `from_state_dict`. A GPT-2 directory's tokenizer (`tokenizer.json`, or
+`vocab.json` + `merges.txt`) comes back too, so imported weights generate and evaluate real text;
+otherwise `tokenizer` is None (a model object, ViT, and GPT-1, whose lower-cased character-level
+BPE with ftfy and spaCy pre-processing the zoo does not implement).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,6 +34,7 @@ from safetensors.numpy import load_file
 from zoo.configs import GPT_PRESETS
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.models.vit import ViT, ViTConfig
+from zoo.tokenizer import ByteLevelBPE, TextTokenizer
 
 Config = GPTConfig | ViTConfig
 StateDict = dict[str, np.ndarray]
@@ -106,15 +111,26 @@ _VIT_LAYER_KEYS = {
 }
 
 
-def from_transformers(model_or_path: Any) -> tuple[Config, dict]:
-    """(config, params) from a transformers model object or a local `save_pretrained` directory."""
+class Imported(NamedTuple):
+    """What `from_transformers` returns."""
+
+    config: Config
+    params: dict
+    tokenizer: TextTokenizer | None  # a GPT-2 directory's byte-level BPE, else None
+
+
+def from_transformers(model_or_path: Any) -> Imported:
+    """(config, params, tokenizer) from a transformers model object or a local `save_pretrained` directory."""
     if isinstance(model_or_path, (str, os.PathLike)):
-        return from_state_dict(*_read_directory(Path(model_or_path)))
+        model_type, hf_config, state = _read_directory(Path(model_or_path))
+        return Imported(
+            *from_state_dict(model_type, hf_config, state), _gpt2_tokenizer(model_type, Path(model_or_path))
+        )
     if not (hasattr(model_or_path, "config") and hasattr(model_or_path, "state_dict")):
         raise TypeError(f"expected a transformers model or a checkpoint directory, got {type(model_or_path).__name__}")
     hf_config = {**model_or_path.config.to_dict(), "architectures": [type(model_or_path).__name__]}
     state = {k: v.detach().cpu().float().numpy() for k, v in model_or_path.state_dict().items()}
-    return from_state_dict(model_or_path.config.model_type, hf_config, state)
+    return Imported(*from_state_dict(model_or_path.config.model_type, hf_config, state), None)
 
 
 def from_state_dict(model_type: str, hf_config: dict, state_dict: StateDict) -> tuple[Config, dict]:
@@ -143,6 +159,14 @@ def _read_directory(path: Path) -> tuple[str, dict, StateDict]:
     if "model_type" not in hf_config:
         raise ValueError(f"{config_file} has no model_type field")
     return hf_config["model_type"], hf_config, _read_safetensors(path)
+
+
+def _gpt2_tokenizer(model_type: str, path: Path) -> TextTokenizer | None:
+    """A GPT-2 directory's byte-level BPE, when it holds one."""
+    files = [path / "tokenizer.json"], [path / "vocab.json", path / "merges.txt"]
+    if model_type != "gpt2" or not any(all(file.is_file() for file in group) for group in files):
+        return None
+    return ByteLevelBPE.load(path)
 
 
 def _read_safetensors(path: Path) -> StateDict:
