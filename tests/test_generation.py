@@ -119,6 +119,18 @@ def test_rows_stop_at_their_first_stop_token_and_repeat_it():
     assert cut.tolist() == [*free[: first + 1].tolist(), *[stop] * (9 - first)]
 
 
+def test_a_stream_sees_each_steps_tokens_in_order_until_every_row_stops():
+    model, params = tiny("dense")
+    batch = prompts([6, 2])
+    steps = []
+    new = np.asarray(
+        generate(
+            model, params, batch, 10, stop_tokens=(int(generate(model, params, batch, 3)[0, 2]),), stream=steps.append
+        )
+    )
+    assert np.array_equal(np.stack(steps, axis=1), new[:, : len(steps)]) and 3 <= len(steps) <= 10
+
+
 def test_zero_or_one_new_tokens_and_bad_prompts():
     model, params = tiny("dense")
     assert generate(model, params, [[1, 2]], 0).shape == (1, 0)

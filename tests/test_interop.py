@@ -1,6 +1,7 @@
 """zoo.interop: transformers GPT-2, GPT-1 and ViT weights give our models the same logits."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -264,6 +265,24 @@ def test_no_tokenizer_without_a_gpt2_directory_holding_one(saved):
     for name in ("gpt2-sharded", "gpt1", "vit"):
         assert interop.from_transformers(saved[name][0]).tokenizer is None, name
     assert saved["gpt2"][1].tokenizer is None  # a model object carries no tokenizer
+
+
+def test_generate_script_continues_a_gpt2_folder_as_transformers_does(tmp_path, capsys):
+    folder = tmp_path / "gpt2"
+    tokenizer = train_byte_level_bpe(TEXTS * 20, tmp_path / "tokenizer.json", 300)
+    transformers.GPT2TokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json")).save_pretrained(folder)
+    model = build("GPT2LMHeadModel", "GPT2Config", n_embd=32, n_layer=2, n_head=4, vocab_size=300, n_positions=32)
+    model.save_pretrained(folder)
+    prompt = "Hello  world"
+    with torch.no_grad():
+        expected = model.generate(
+            torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_id
+        )
+    spec = importlib.util.spec_from_file_location("generate", REPO / "experiments" / "generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--from-transformers", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8"])
+    assert capsys.readouterr().out == f"--- 1 (step 0) ---\n{tokenizer.decode(expected[0].tolist())}\n"
 
 
 def test_directory_route_needs_no_torch(saved, tmp_path):

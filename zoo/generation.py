@@ -15,12 +15,13 @@ holds keys at absolute positions, which a sliding window would shift.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from zoo.models.gpt import GPT, advance, init_caches
 
@@ -38,13 +39,16 @@ def generate(
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     rng: jax.Array | None = None,
+    stream: Callable[[np.ndarray], None] | None = None,
 ) -> jax.Array:
     """The new tokens, int32 [B, max_new_tokens], of each prompt (token-id sequences of any
     lengths, or an int array [B, P]), each row cut at its first stop token (kept; the rest of the
     row repeats it). temperature=0 is greedy; otherwise `rng` is required and the result is a pure
     function of it. Temperature divides the logits before top-k and top-p cut them; top-p keeps the
     smallest set of most likely tokens whose probability reaches p (exactly, over the whole
-    vocabulary)."""
+    vocabulary). `stream`, if given, is called with each step's new tokens [B] (numpy) as the
+    compiled loop chooses them, e.g. to print them as they come; a new function compiles again. Every
+    call has been made when generate returns."""
     cfg = model.cfg
     rows = [np.asarray(row, np.int64).reshape(-1) for row in prompts]
     if not rows or any(row.size == 0 for row in rows):
@@ -72,7 +76,10 @@ def generate(
         return jnp.zeros((len(rows), 0), jnp.int32)
     sampling = (float(temperature), top_k, top_p, tuple(int(t) for t in stop_tokens))
     key = jax.random.key(0) if rng is None else rng
-    return _generate(model, params, jnp.asarray(padded), jnp.asarray(lengths), key, max_new_tokens, sampling)
+    new = _generate(model, params, jnp.asarray(padded), jnp.asarray(lengths), key, max_new_tokens, sampling, stream)
+    if stream is not None:
+        jax.effects_barrier()  # every step's call has been made when generate returns
+    return new
 
 
 def choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
@@ -93,7 +100,7 @@ def choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | N
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
 def _generate(
     model: GPT,
     params: Any,
@@ -102,6 +109,7 @@ def _generate(
     rng: jax.Array,
     max_new: int,
     sampling: tuple[float, int | None, float | None, tuple[int, ...]],
+    stream: Callable[[np.ndarray], None] | None,
 ) -> jax.Array:
     temperature, top_k, top_p, stop_tokens = sampling
     cfg, variables = model.cfg, {"params": params}
@@ -135,6 +143,8 @@ def _generate(
         fill = jnp.where(done, fill, token)
         done = done | stopped
         out = out.at[:, i].set(token)
+        if stream is not None:
+            io_callback(stream, None, token, ordered=True)
         sequence = sequence.at[rows, position].set(token)
         fits = jnp.all(done | (position < cfg.context_length))
         logits, caches = jax.lax.cond(fits, cached, recomputed, token, position, caches, sequence)

@@ -3,6 +3,8 @@ state) and the tokenizer the run trained with, to sample, evaluate or fine-tune 
 
     run = zoo.load("runs/default")
     new = zoo.generate(run.model, run.params, [run.tokenizer.encode("ROMEO.")], 100)
+
+`load_transformers(folder)` gives the same for a GPT-2 `save_pretrained` folder with its tokenizer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
-from zoo import sharding
+from zoo import interop, sharding
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.paths import absolute
 from zoo.tokenizer import TextTokenizer, tokenizer_in
@@ -48,12 +50,9 @@ def load(workdir: str | os.PathLike, mesh: Mesh | None = None) -> Run:
     if set(fields) != {field.name for field in dataclasses.fields(GPTConfig)}:
         raise ValueError(f"{workdir} is not a language-model run (its model config is not a GPTConfig)")
     model = GPT(GPTConfig(**fields))
-    mesh = mesh or sharding.mesh_for("data=-1")
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     abstract = jax.tree.map(
         lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-        nn.unbox(boxed),
-        sharding.logical_shardings(boxed, mesh),
+        *_laid_out(model, mesh or sharding.mesh_for("data=-1")),
     )
     with ocp.CheckpointManager(absolute(workdir / "checkpoints")) as manager:
         step = manager.latest_step()
@@ -64,3 +63,24 @@ def load(workdir: str | os.PathLike, mesh: Mesh | None = None) -> Run:
         state = ocp.args.PyTreeRestore(item, restore_args, partial_restore=True)  # the params only
         restored = manager.restore(step, args=ocp.args.Composite(state=state))
     return Run(model, restored.state["params"], tokenizer_in(workdir), int(step), config)
+
+
+def load_transformers(folder: str | os.PathLike, mesh: Mesh | None = None) -> Run:
+    """A GPT-2 `save_pretrained` folder as a Run (step 0): its weights laid out on `mesh` by the logical
+    rules, and its tokenizer, which the folder must hold."""
+    cfg, params, tokenizer = interop.from_transformers(folder)
+    if not isinstance(cfg, GPTConfig) or tokenizer is None:
+        raise ValueError(
+            f"{folder} is not a GPT-2 folder with its tokenizer (tokenizer.json, or vocab.json and merges.txt)"
+        )
+    tokenizer.check_vocab(cfg.vocab_size)
+    model = GPT(cfg)
+    _, shardings = _laid_out(model, mesh or sharding.mesh_for("data=-1"))
+    config = {"model": dataclasses.asdict(cfg), "from_transformers": str(folder)}
+    return Run(model, jax.device_put(params, shardings), tokenizer, 0, config)
+
+
+def _laid_out(model: GPT, mesh: Mesh) -> tuple[Any, Any]:
+    """The model's param shapes and their shardings on `mesh` by the logical rules."""
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    return nn.unbox(boxed), sharding.logical_shardings(boxed, mesh)
