@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     run = (
         runs.load_transformers(args.from_transformers, mesh) if args.from_transformers else zoo.load(args.workdir, mesh)
     )
-    texts = [text for text in args.prompts for _ in range(args.num_samples)]
-    printer = Printer(run.tokenizer) if len(texts) == 1 else None
+    texts = args.prompts
+    printer = Printer(run.tokenizer) if len(texts) * args.num_samples == 1 else None
     if printer:
         print(f"--- 1 (step {run.step}) ---\n{texts[0]}", end="", flush=True)
     with sharding.sharding_context(mesh):
@@ -88,12 +88,14 @@ def main(argv: list[str] | None = None) -> None:
             top_p=args.top_p,
             stop_tokens=(run.tokenizer.eos_id,),
             rng=jax.random.key(args.seed),
+            samples=args.num_samples,
             stream=printer,
         )
     if printer:
         printer.finish()
         return
-    for i, (text, tokens) in enumerate(zip(texts, jax.device_get(new))):
+    for i, tokens in enumerate(jax.device_get(new)):
+        text = texts[i // args.num_samples]
         print(f"--- {i + 1} (step {run.step}) ---\n{text}{run.tokenizer.decode(tokens.tolist())}")
 
 

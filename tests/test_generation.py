@@ -165,6 +165,15 @@ def test_sampling_is_a_pure_function_of_the_key():
     assert (sample(0) != sample(1)).any()
 
 
+def test_samples_of_one_prefill_are_the_samples_of_repeated_prompts():
+    model, params = tiny("gpt3 dense+banded")
+    batch, key = prompts([4, 11]), jax.random.key(3)
+    repeated = [row for row in batch for _ in range(3)]
+    once = np.asarray(generate(model, params, batch, 12, temperature=1.0, rng=key, samples=3))
+    np.testing.assert_array_equal(once, generate(model, params, repeated, 12, temperature=1.0, rng=key))
+    assert len({tuple(row) for row in once[:3]}) > 1  # a prompt's samples differ
+
+
 def test_banded_caches_hold_the_window_not_the_context():
     def decode_argument_bytes(context: int) -> tuple[int, int]:
         cfg = configs.gpt(

@@ -39,16 +39,18 @@ def generate(
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     rng: jax.Array | None = None,
+    samples: int = 1,
     stream: Callable[[np.ndarray], None] | None = None,
 ) -> jax.Array:
-    """The new tokens, int32 [B, max_new_tokens], of each prompt (token-id sequences of any
+    """The new tokens, int32 [B * samples, max_new_tokens], of each prompt (token-id sequences of any
     lengths, or an int array [B, P]), each row cut at its first stop token (kept; the rest of the
     row repeats it). temperature=0 is greedy; otherwise `rng` is required and the result is a pure
     function of it. Temperature divides the logits before top-k and top-p cut them; top-p keeps the
     smallest set of most likely tokens whose probability reaches p (exactly, over the whole
-    vocabulary). `stream`, if given, is called with each step's new tokens [B] (numpy) as the
-    compiled loop chooses them, e.g. to print them as they come; a new function compiles again. Every
-    call has been made when generate returns."""
+    vocabulary). With `samples` > 1 each prompt is prefilled once and continued `samples` times (its
+    rows next to each other), e.g. for self-consistency. `stream`, if given, is called with each
+    step's new tokens (an int32 array of the rows) as the compiled loop chooses them, e.g. to print
+    them as they come; a new function compiles again. Every call has been made when generate returns."""
     cfg = model.cfg
     rows = [np.asarray(row, np.int64).reshape(-1) for row in prompts]
     if not rows or any(row.size == 0 for row in rows):
@@ -56,6 +58,8 @@ def generate(
     low, high = min(int(row.min()) for row in rows), max(int(row.max()) for row in rows)
     if low < 0 or high >= cfg.vocab_size:
         raise ValueError(f"prompt token ids must be in [0, vocab_size={cfg.vocab_size}), got ids in [{low}, {high}]")
+    if samples < 1:
+        raise ValueError(f"samples={samples} must be >= 1")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature < 0:
@@ -73,8 +77,8 @@ def generate(
     for i, row in enumerate(rows):
         padded[i, : row.size] = row
     if max_new_tokens == 0:
-        return jnp.zeros((len(rows), 0), jnp.int32)
-    sampling = (float(temperature), top_k, top_p, tuple(int(t) for t in stop_tokens))
+        return jnp.zeros((len(rows) * samples, 0), jnp.int32)
+    sampling = (float(temperature), top_k, top_p, tuple(int(t) for t in stop_tokens), samples)
     key = jax.random.key(0) if rng is None else rng
     new = _generate(model, params, jnp.asarray(padded), jnp.asarray(lengths), key, max_new_tokens, sampling, stream)
     if stream is not None:
@@ -108,15 +112,18 @@ def _generate(
     lengths: jax.Array,
     rng: jax.Array,
     max_new: int,
-    sampling: tuple[float, int | None, float | None, tuple[int, ...]],
+    sampling: tuple[float, int | None, float | None, tuple[int, ...], int],
     stream: Callable[[np.ndarray], None] | None,
 ) -> jax.Array:
-    temperature, top_k, top_p, stop_tokens = sampling
+    temperature, top_k, top_p, stop_tokens, samples = sampling
     cfg, variables = model.cfg, {"params": params}
+    caches = advance(init_caches(cfg, prompt.shape[0]), jnp.zeros_like(lengths), lengths)
+    logits, caches = model.apply(variables, prompt, caches, method=GPT.extend)
+    if samples > 1:  # every cache leaf, like the prompts, has the batch at axis 1 (after the layer scan's)
+        caches = jax.tree.map(lambda leaf: jnp.repeat(leaf, samples, axis=1), caches)
+        prompt, lengths, logits = (jnp.repeat(x, samples, axis=0) for x in (prompt, lengths, logits))
     batch, bucket = prompt.shape
     rows = jnp.arange(batch)
-    caches = advance(init_caches(cfg, batch), jnp.zeros(batch, jnp.int32), lengths)
-    logits, caches = model.apply(variables, prompt, caches, method=GPT.extend)
     sequence = jnp.zeros((batch, bucket + max_new), jnp.int32).at[:, :bucket].set(prompt)
 
     def cached(token: jax.Array, position: jax.Array, caches: Any, sequence: jax.Array) -> tuple[jax.Array, Any]:
