@@ -4,14 +4,18 @@ never hold the evaluated document, and the self-consistency vote breaks ties det
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources.array_record import ArrayRecordDataSource
 
 from zoo import configs
-from zoo.evaluation import harness
+from zoo.data import shakespeare
+from zoo.evaluation import consistency, harness, prompts, tasks
 from zoo.models.gpt import GPT
 from zoo.tokenizer import train_byte_level_bpe
 
@@ -25,9 +29,15 @@ def tokenizer(tmp_path_factory):
 
 
 @functools.cache
-def tiny(vocab_size: int):
+def tiny(vocab_size: int, context_length: int = CONTEXT):
     cfg = configs.gpt(
-        "gpt2-small", num_layers=2, d_model=32, num_heads=4, d_ff=64, context_length=CONTEXT, vocab_size=vocab_size
+        "gpt2-small",
+        num_layers=2,
+        d_model=32,
+        num_heads=4,
+        d_ff=64,
+        context_length=context_length,
+        vocab_size=vocab_size,
     )
     model = GPT(cfg)
     return model, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
@@ -131,3 +141,112 @@ def test_generation_is_cut_at_the_first_stop_string():
     assert harness.cut_at("no stop here", ["\n"]) == "no stop here"
     assert harness.extract_number("so 3 + 4 = 7. The answer is 7.") == "7"
     assert harness.extract_number("no answer") is None
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+
+def examples(n: int, prefix: str = "q") -> list[prompts.Example]:
+    return [prompts.Example(f"{prefix}{i}", f"Q: what is {i} plus {i}?\nA:", f" {2 * i}") for i in range(n)]
+
+
+def test_prompts_fit_the_context_and_say_how_many_shots_fit(tokenizer):
+    train, doc = examples(50), examples(1, "test")[0]
+    budget = len(tokenizer.encode(doc.question + doc.answer))
+    for length, reserve in [(budget, 0), (budget + 40, 0), (budget + 200, 8), (4000, 0)]:
+        prompt = prompts.few_shot(tokenizer, doc, train, 10, context_length=length, reserve=reserve)
+        assert len(tokenizer.encode(prompt.text + doc.answer)) + reserve <= length
+        assert prompt.text.count("Q:") == prompt.shots + 1 and prompt.text.endswith(doc.question)
+    assert prompt.shots == 10  # a roomy context fits all that were asked for
+    assert prompts.few_shot(tokenizer, doc, train, 3, context_length=budget - 1) is None
+
+
+def test_shots_never_hold_the_evaluated_document_and_are_deterministic(tokenizer):
+    train = examples(20)
+    for doc in train[:5]:  # evaluating on the training split itself: its own document is excluded
+        prompt = prompts.few_shot(tokenizer, doc, train, 19, context_length=10_000, seed=7)
+        assert prompt.shots == 19 and prompt.text.count(doc.question) == 1
+        assert prompt == prompts.few_shot(tokenizer, doc, train, 19, context_length=10_000, seed=7)
+    one, four = (prompts.draw(train, train[0], k, seed=7) for k in (1, 4))
+    assert four[:1] == one and prompts.draw(train, train[0], 4, seed=8) != four
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+
+def test_synthetic_tasks_hold_true_answers_and_disjoint_splits():
+    for op, digits in [("+", 2), ("-", 3)]:
+        task = tasks.arithmetic(op, digits, count=50)
+        assert not {e.question for e in task.train} & {e.question for e in task.test}
+        for e in task.test:
+            a, word, b = re.search(r"What is (\d+) (plus|minus) (\d+)\?", e.question).groups()
+            assert len(a) == len(b) == digits
+            assert int(e.answer) == (int(a) + int(b) if word == "plus" else int(a) - int(b))
+    task = tasks.unscramble(TEXT.split() + "beautiful morning sunshine thunder lightning".split(), count=3)
+    for e in task.test + task.train:
+        scrambled, word = e.question.removesuffix(" ="), e.answer.strip()
+        assert sorted(scrambled) == sorted(word) and (scrambled[0], scrambled[-1]) == (word[0], word[-1])
+
+
+def test_chain_of_thought_solutions_compute_their_answers():
+    task = tasks.chain_of_thought(count=40)
+    for e in task.test:
+        for a, op, b, result in re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", e.answer):
+            assert int(result) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        steps = re.findall(r"= (\d+)\.", e.answer)
+        assert task.extract(e.answer) == steps[-1] and len(steps) in (2, 3)
+
+
+def test_shakespeare_tasks_come_from_their_plays():
+    works = shakespeare.works()
+    cloze, choice = tasks.shakespeare_tasks({"hamlet": works["hamlet"]}, {"macbeth": works["macbeth"]})
+    assert all(e.id.startswith("macbeth/") for e in cloze.test + choice.test)
+    assert all(e.id.startswith("hamlet/") for e in cloze.train + choice.train)
+    for e in cloze.test[:50]:
+        assert (
+            re.fullmatch(r" [A-Za-z]+", e.answer)
+            and (e.question + e.answer).replace("\n", " ").split()[-1] in works["macbeth"]
+        )
+    for e in choice.test[:50]:
+        assert len(set(e.choices)) == 4 and e.answer in e.choices and e.question + e.answer in works["macbeth"]
+
+
+def test_every_task_kind_evaluates_on_a_model(tokenizer):
+    model, params = tiny(tokenizer.vocab_size, 256)
+    works = shakespeare.works()
+    short = {"macbeth": works["macbeth"][:20_000]}
+    for task in [*tasks.shakespeare_tasks(short, short), tasks.arithmetic("+", 2, count=4)]:
+        for shots in (0, 2):
+            result = tasks.evaluate(model, params, tokenizer, task, shots, limit=4)
+            assert result["documents"] + result["skipped"] == 4 and 0 <= result["acc"] <= 1
+            assert result["fit"] <= shots
+
+
+def test_any_tfds_text_dataset_is_a_cloze_task(monkeypatch):
+    """The path for machines that download (LAMBADA); tfds's mock data stands in for it."""
+    monkeypatch.setattr(ArrayRecordDataSource, "__getitems__", lambda self, keys: [self[key] for key in keys])
+    with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+        task = tasks.tfds_cloze("lambada", feature="passage")
+    assert task.kind == "cloze" and 0 < len(task.test) <= 5 and all(e.answer.startswith(" ") for e in task.test)
+
+
+# --- self-consistency ------------------------------------------------------------------------
+
+
+def test_the_vote_takes_the_majority_and_breaks_ties_by_the_first_sampled():
+    assert consistency.vote(["3", "4", "4", None]) == consistency.Vote("4", 0.5, ("3", "4", "4", None))
+    assert consistency.vote(["4", "3", "3", "4"]).answer == "4"
+    assert consistency.vote([None, "3", "4"]).answer == "3"
+    assert consistency.vote([None, None]) == consistency.Vote(None, 0.0, (None, None))
+    assert consistency.vote(["7"]) == consistency.Vote("7", 1.0, ("7",))
+
+
+def test_self_consistency_votes_over_k_sampled_paths(tokenizer):
+    model, params = tiny(tokenizer.vocab_size)
+    votes = consistency.self_consistency(
+        model, params, tokenizer, ["The cat", "A bird"], 5, temperature=1.0, rng=jax.random.key(0),
+        extract=lambda text: text.split()[0] if text.split() else None, max_new_tokens=4,
+    )  # fmt: skip
+    assert len(votes) == 2 and all(len(v.answers) == 5 for v in votes)
+    for v in votes:
+        assert v.answer is None or v.agreement == v.answers.count(v.answer) / 5
