@@ -1,15 +1,18 @@
 """Experiments run end to end from the command line (tiny settings), and say what they take."""
 
 import json
+import math
 import pathlib
 import re
 import subprocess
 import sys
 
+import pytest
 from subprocess_env import cpu_environment
 
 import zoo
 from zoo import sharding
+from zoo.data import shakespeare
 from zoo.data.text import prepare_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -42,8 +45,10 @@ FLAGS_USERS_NEED = {
     "vit_b16_imagenet.py": (*TRAINING, "--data-dir", "--mock"),
     "bench_attention.py": ("--lengths", "--windows", "--implementations", "--repeats", "--json"),
     "prepare_text.py": ("--tfds", "--text-dir", "--tokenizer", "--workers", "--data-dir"),
-    "generate.py": ("--workdir", "--prompt", "--prompt-file", "--temperature", "--top-p", "--max-new-tokens"),
-    "bench_tokenizers.py": ("--chinese", "--vocab-sizes", "--json"),
+    "generate.py": ("--workdir", "--from-transformers", "--prompt", "--temperature", "--top-p", "--num-samples"),
+    "eval_incontext.py": ("--workdir", "--from-transformers", "--shots", "--limit", "--tasks", "--tfds", "--plot"),
+    "self_consistency.py": (*TEXT, "--problems", "--held-out", "--k", "--temperature", "--plot"),
+    "bench_tokenizers.py": ("--chinese", "--vocab-sizes", "--train-steps", "--train-vocab-size", "--json"),
     "bench_data.py": ("--scales", "--workers", "--batches", "--json"),
     "bench_input.py": ("--experiments", "--steps", "--prefetch", "--synthetic", "--json"),
     "bench_sharding.py": ("--preset", "--layouts", "--batch", "--chip", "--topology", "--json"),
@@ -145,3 +150,25 @@ def test_attention_benchmark_prints_a_table(tmp_path):
     assert re.search(r"\|\s*64 \|\s*8 \|\s*banded \|", out), out
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {row["implementation"] for row in rows} == {"dense", "banded"}
+
+
+def test_tokenizer_benchmark_trains_the_default_model_and_reports_bits_per_byte(tmp_path):
+    # one kind: each costs a run of default.py, and the other's is the same command with a tokenizer.json
+    out = run(
+        "bench_tokenizers.py",
+        *"--kinds sentencepiece --vocab-sizes 512 --train-vocab-size 512 --train-steps 2 --set num_layers=2".split(),
+        *"--set d_model=32 --set num_heads=2 --set d_ff=64 --set window=8 --workdir".split(),
+        str(tmp_path / "work"),
+        "--json",
+        str(tmp_path / "bench.json"),
+    )
+    (model,) = json.loads((tmp_path / "bench.json").read_text())["models"]
+    assert [run.name for run in (tmp_path / "work" / "runs").iterdir()] == ["Shakespeare-512-sentencepiece_BPE"]
+    assert model["tokenizer"] == "sentencepiece BPE" and re.search(r"\| 512 +\| sentencepiece BPE +\| +2 \|", out)
+    # the validation tokens the experiment printed (rows of 129): every whole batch of 16 rows is scored
+    (tokens,) = [int(n.replace(",", "")) for n in re.findall(r"and ([\d,]+) validation tokens", out)]
+    assert model["evaluated_tokens"] == tokens // 129 // 16 * 16 * 129
+    plays = sum(len(shakespeare.works()[play].encode()) for play in shakespeare.VALIDATION_PLAYS)
+    assert 0.97 * plays < model["evaluated_bytes"] <= plays
+    assert f"validation loss {model['val_loss_per_token']:.3f} nats/token" in out
+    assert model["bits_per_byte"] == pytest.approx(model["val_loss_per_token"] / math.log(2) * model["tokens_per_byte"])
