@@ -154,11 +154,13 @@ def test_prompts_fit_the_context_and_say_how_many_shots_fit(tokenizer):
     train, doc = examples(50), examples(1, "test")[0]
     budget = len(tokenizer.encode(doc.question + doc.answer))
     for length, reserve in [(budget, 0), (budget + 40, 0), (budget + 200, 8), (4000, 0)]:
-        prompt = prompts.few_shot(tokenizer, doc, train, 10, context_length=length, reserve=reserve)
+        prompt = prompts.few_shot(tokenizer, doc, train, 10, context_length=length, tail=doc.answer, reserve=reserve)
         assert len(tokenizer.encode(prompt.text + doc.answer)) + reserve <= length
         assert prompt.text.count("Q:") == prompt.shots + 1 and prompt.text.endswith(doc.question)
     assert prompt.shots == 10  # a roomy context fits all that were asked for
-    assert prompts.few_shot(tokenizer, doc, train, 3, context_length=budget - 1) is None
+    assert prompts.few_shot(tokenizer, doc, train, 3, context_length=budget - 1, tail=doc.answer) is None
+    question = len(tokenizer.encode(doc.question))  # generation: the prompt and the tokens it may add
+    assert prompts.few_shot(tokenizer, doc, train, 3, context_length=question + 5, reserve=5).shots == 0
 
 
 def test_shots_never_hold_the_evaluated_document_and_are_deterministic(tokenizer):

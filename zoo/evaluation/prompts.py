@@ -47,15 +47,16 @@ def few_shot(
     shots: int,
     *,
     context_length: int,
+    tail: str = "",
     reserve: int = 0,
     description: str = "",
     seed: int = 1234,
 ) -> Prompt | None:
     """The prompt for `doc` with up to `shots` solved examples: as many of the drawn ones as keep the
-    prompt, its longest candidate continuation and `reserve` more tokens (e.g. those generation
-    adds) within `context_length` tokens. None when not even the zero-shot prompt fits."""
+    prompt followed by `tail` (e.g. the longest candidate continuation), and `reserve` more tokens
+    (e.g. those generation adds), within `context_length` tokens. None when not even the zero-shot
+    prompt fits."""
     head = description + SEPARATOR if description else ""
-    tail = max([doc.answer, *doc.choices], key=len)
     chosen = draw(train, doc, shots, seed)
     for used in range(len(chosen), -1, -1):
         text = head + "".join(e.question + e.answer + SEPARATOR for e in chosen[:used]) + doc.question

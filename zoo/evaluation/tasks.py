@@ -61,7 +61,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """The task's scores on (the first `limit` of) its test split with `shots`-shot prompts, the
     mean number of examples that fit, and how many documents did not fit even zero-shot (skipped)."""
-    reserve = task.max_new_tokens if task.kind == "generate" else 0
+    generating = task.kind == "generate"
     docs, prompts = [], []
     for doc in task.test[:limit]:
         prompt = few_shot(
@@ -70,7 +70,8 @@ def evaluate(
             task.train,
             shots,
             context_length=model.cfg.context_length,
-            reserve=reserve,
+            tail="" if generating else max([doc.answer, *doc.choices], key=len),  # what is scored after it
+            reserve=task.max_new_tokens if generating else 0,
             description=task.description,
             seed=seed,
         )
