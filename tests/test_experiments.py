@@ -46,6 +46,7 @@ FLAGS_USERS_NEED = {
     "bench_attention.py": ("--lengths", "--windows", "--implementations", "--repeats", "--json"),
     "prepare_text.py": ("--tfds", "--text-dir", "--tokenizer", "--workers", "--data-dir"),
     "generate.py": ("--workdir", "--from-transformers", "--prompt", "--temperature", "--top-p", "--num-samples"),
+    "bench_generate.py": ("--preset", "--batch-sizes", "--max-new-tokens", "--positions", "--peak-hbm-gbps", "--json"),
     "eval_incontext.py": ("--workdir", "--from-transformers", "--shots", "--limit", "--tasks", "--tfds", "--plot"),
     "self_consistency.py": (*TEXT, "--problems", "--held-out", "--k", "--temperature", "--plot"),
     "bench_tokenizers.py": ("--chinese", "--vocab-sizes", "--train-steps", "--train-vocab-size", "--json"),
