@@ -6,7 +6,9 @@ loop of single-token steps over the cache (`GPT.extend`), stopping early once ev
 
 Rows keep their own positions: a short prompt beside a long one generates what it generates alone.
 Prompts are right-padded to a bucket (a power of two from 8 up to the context length), so a new
-prompt length compiles again only when it needs a larger bucket. A prompt longer than the context
+prompt length compiles again only when it needs a larger bucket. A dense layer's cache holds the
+positions the decode reaches (a power of two >= bucket + max_new_tokens, at most the context
+length), since every step reads all of its slots. A prompt longer than the context
 keeps its last `context_length` tokens. Past the context, each step recomputes the model over the
 row's last `context_length` tokens (at positions 0 … T-1, as training saw them): the cache
 holds keys at absolute positions, which a sliding window would shift.
@@ -117,7 +119,9 @@ def _generate(
 ) -> jax.Array:
     temperature, top_k, top_p, stop_tokens, samples = sampling
     cfg, variables = model.cfg, {"params": params}
-    caches = advance(init_caches(cfg, prompt.shape[0]), jnp.zeros_like(lengths), lengths)
+    reach = prompt.shape[1] + max_new  # no position of this decode reaches it: fewer slots to read each step
+    slots = min(cfg.context_length, 1 << (reach - 1).bit_length())
+    caches = advance(init_caches(cfg, prompt.shape[0], slots), jnp.zeros_like(lengths), lengths)
     logits, caches = model.apply(variables, prompt, caches, method=GPT.extend)
     if samples > 1:  # every cache leaf, like the prompts, has the batch at axis 1 (after the layer scan's)
         caches = jax.tree.map(lambda leaf: jnp.repeat(leaf, samples, axis=1), caches)

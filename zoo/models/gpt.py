@@ -171,14 +171,17 @@ class GPT(nn.Module):
                 raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got ids in [{low}, {high}]")
 
 
-def init_caches(cfg: GPTConfig, batch: int) -> dict[str, KVCache]:
+def init_caches(cfg: GPTConfig, batch: int, length: int | None = None) -> dict[str, KVCache]:
     """Empty KV caches for generating `batch` rows, one per block of the attention pattern, each with
-    a leading axis over the pattern's repetitions (the layer scan): a dense layer keeps
-    `context_length` slots, a banded one a ring of `window` (GPT-3's banded layers: O(w), not O(T))."""
+    a leading axis over the pattern's repetitions (the layer scan): a dense layer keeps `length`
+    slots (default `context_length`; fewer suffice for a decode that ends before position `length`,
+    and every step reads them all), a banded one a ring of at most `window` (GPT-3's banded layers:
+    O(w), not O(T))."""
     periods = cfg.num_layers // len(cfg.attention_pattern)
+    length = cfg.context_length if length is None else length
     caches = {}
     for i, kind in enumerate(cfg.attention_pattern):
-        size = cfg.window if kind == "banded" else cfg.context_length
+        size = min(cfg.window, length) if kind == "banded" else length
         zeros = jnp.zeros((periods, batch, size, cfg.num_heads, cfg.head_dim), cfg.dtype)
         caches[f"block_{i}"] = KVCache(
             k=zeros,
