@@ -124,6 +124,11 @@ class SelfAttention(nn.Module):
             out = attention(
                 q, k, v, causal=self.causal, window=self.window, key_mask=key_mask, implementation=cfg.attention_impl
             )
+        elif x.shape[1] == 1:  # a decode step: the token's slot is written, then the cache attended over
+            cache = cache.put(k, v)
+            out = attention_at_positions(
+                q, cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.start[:, None], cache.pos, self.window
+            )
         else:
             positions = cache.new_positions(x.shape[1])
             out = attention_at_positions(
@@ -135,6 +140,7 @@ class SelfAttention(nn.Module):
                 self.window,
             )
             cache = cache.written(k, v)
+        if cache is not None:
             names = ("batch", "length", "heads", "head_dim")  # the cache shards like the keys it holds
             cache = cache.replace(
                 k=nn.with_logical_constraint(cache.k, names), v=nn.with_logical_constraint(cache.v, names)
@@ -164,6 +170,17 @@ class KVCache:
         """Absolute positions [B, length] of the tokens being added; -1 for padding."""
         offsets = jnp.arange(length)
         return jnp.where(offsets < self.lengths[:, None], self.start[:, None] + offsets, -1)
+
+    def put(self, k: jax.Array, v: jax.Array) -> KVCache:
+        """The cache with one new token per row [B, 1, heads, head_dim] in slot start % size, in place
+        of position start - size: no query at `start` or after sees that one (it is past a banded
+        layer's window; a dense layer's cache is longer than the decode)."""
+        rows, slot = jnp.arange(self.pos.shape[0]), self.start % self.pos.shape[1]
+        return self.replace(
+            k=self.k.at[rows, slot].set(k[:, 0].astype(self.k.dtype)),
+            v=self.v.at[rows, slot].set(v[:, 0].astype(self.v.dtype)),
+            pos=self.pos.at[rows, slot].set(self.start),
+        )
 
     def written(self, k: jax.Array, v: jax.Array) -> KVCache:
         """The cache with the new keys and values [B, L, heads, head_dim] in their slots: slot s takes
