@@ -42,7 +42,7 @@ def test_self_consistency_then_in_context_evaluation_of_its_run(tmp_path):
     problems = (tmp_path / "data" / "problems-100-3" / "train" / "0000.txt").read_text()
     assert problems.count("The answer is") == problems.count("Q: ") > 90
     out = run(
-        "eval_incontext.py", "--workdir", workdir, "--shots", "0", "1", "--limit", "3", "--batch", "4",
+        "eval_incontext.py", "--workdir", workdir, "--shots", "0", "1", "--limit", "3", "--batch", "16",
         "--tasks", "arithmetic 2-digit +", "shakespeare next line", "--json", str(tmp_path / "icl.json"),
     )  # fmt: skip
     results = json.loads((tmp_path / "icl.json").read_text())

@@ -13,6 +13,7 @@ import traceback
 import jax
 import numpy as np
 import pytest
+from subprocess_env import cpu_environment
 
 from zoo import sharding
 from zoo.data.prefetch import Prefetcher
@@ -109,6 +110,7 @@ def test_the_input_benchmark_runs_at_a_tiny_size(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env=cpu_environment(devices=1),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())
