@@ -28,13 +28,12 @@ def test_self_consistency_then_in_context_evaluation_of_its_run(tmp_path):
     workdir = str(tmp_path / "run")
     out = run(
         "self_consistency.py", "--steps", "2", "--batch", "4", "--eval-batches", "1", "--problems", "100",
-        "--held-out", "3", "--k", "1", "2", "--workdir", workdir, "--data-dir", str(tmp_path / "data"),
+        "--held-out", "3", "--k", "2", "--workdir", workdir, "--data-dir", str(tmp_path / "data"),
         "--json", str(tmp_path / "sc.json"), "--plot", str(tmp_path / "sc.png"), *TINY,
     )  # fmt: skip
     rows = json.loads((tmp_path / "sc.json").read_text())
     assert [(r["method"].split(" ")[0], r["k"]) for r in rows] == [
         ("greedy", 1),
-        ("self-consistency", 1),
         ("self-consistency", 2),
     ]
     assert "held-out problems (step 2)" in out and (tmp_path / "sc.png").exists()
@@ -43,9 +42,8 @@ def test_self_consistency_then_in_context_evaluation_of_its_run(tmp_path):
     assert problems.count("The answer is") == problems.count("Q: ") > 90
     out = run(
         "eval_incontext.py", "--workdir", workdir, "--shots", "0", "1", "--limit", "3", "--batch", "16",
-        "--tasks", "arithmetic 2-digit +", "shakespeare next line", "--json", str(tmp_path / "icl.json"),
+        "--tasks", "arithmetic 2-digit +", "--json", str(tmp_path / "icl.json"),
     )  # fmt: skip
     results = json.loads((tmp_path / "icl.json").read_text())
-    names = ["shakespeare next line", "arithmetic 2-digit +"]
-    assert [(r["task"], r["shots"]) for r in results["tasks"]] == [(name, k) for name in names for k in (0, 1)]
+    assert [(r["task"], r["shots"]) for r in results["tasks"]] == [("arithmetic 2-digit +", k) for k in (0, 1)]
     assert results["perplexity"]["bits_per_byte"] > 0 and "bits per byte" in out
