@@ -27,7 +27,7 @@ def run(script: str, *args: str) -> str:
 def test_self_consistency_then_in_context_evaluation_of_its_run(tmp_path):
     workdir = str(tmp_path / "run")
     out = run(
-        "self_consistency.py", "--steps", "2", "--batch", "4", "--eval-batches", "1", "--problems", "100",
+        "self_consistency.py", "--steps", "2", "--batch", "4", "--eval-batches", "0", "--problems", "100",
         "--held-out", "3", "--k", "2", "--workdir", workdir, "--data-dir", str(tmp_path / "data"),
         "--json", str(tmp_path / "sc.json"), "--plot", str(tmp_path / "sc.png"), *TINY,
     )  # fmt: skip
