@@ -16,6 +16,7 @@ import dataclasses
 import json
 import pathlib
 
+import default  # experiments/default.py, beside this file
 import jax
 import numpy as np
 from etils import epath
@@ -28,17 +29,7 @@ from zoo.evaluation.consistency import self_consistency
 from zoo.report import fmt, markdown_table
 from zoo.runs import Run
 
-MODEL = zoo.GPTConfig(
-    vocab_size=512,
-    context_length=128,
-    num_layers=4,
-    d_model=128,
-    num_heads=4,
-    d_ff=512,
-    attention_pattern=("dense", "banded"),
-    window=32,
-    dropout=0.0,
-)
+MODEL = dataclasses.replace(default.MODEL, vocab_size=512)  # the quickstart's model, a smaller vocabulary
 PROBLEMS_PER_FILE = 500
 
 

@@ -16,6 +16,7 @@ from zoo.data import shakespeare
 from zoo.data.text import prepare_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = "--set num_layers=2 --set d_model=32 --set num_heads=2 --set d_ff=64".split()
 
 
 def run(script: str, *args: str) -> str:
@@ -173,3 +174,28 @@ def test_tokenizer_benchmark_trains_the_default_model_and_reports_bits_per_byte(
     assert 0.97 * plays < model["evaluated_bytes"] <= plays
     assert f"validation loss {model['val_loss_per_token']:.3f} nats/token" in out
     assert model["bits_per_byte"] == pytest.approx(model["val_loss_per_token"] / math.log(2) * model["tokens_per_byte"])
+
+
+def test_self_consistency_then_in_context_evaluation_of_its_run(tmp_path):
+    workdir = str(tmp_path / "run")
+    out = run(
+        "self_consistency.py", "--steps", "2", "--batch", "4", "--eval-batches", "0", "--problems", "100",
+        "--held-out", "3", "--k", "2", "--workdir", workdir, "--data-dir", str(tmp_path / "data"),
+        "--json", str(tmp_path / "sc.json"), "--plot", str(tmp_path / "sc.png"), *TINY,
+    )  # fmt: skip
+    rows = json.loads((tmp_path / "sc.json").read_text())
+    assert [(r["method"].split(" ")[0], r["k"]) for r in rows] == [
+        ("greedy", 1),
+        ("self-consistency", 2),
+    ]
+    assert "held-out problems (step 2)" in out and (tmp_path / "sc.png").exists()
+    assert all(0 <= r["acc"] <= 1 for r in rows)
+    problems = (tmp_path / "data" / "problems-100-3" / "train" / "0000.txt").read_text()
+    assert problems.count("The answer is") == problems.count("Q: ") > 90
+    out = run(
+        "eval_incontext.py", "--workdir", workdir, "--shots", "0", "1", "--limit", "3", "--batch", "16",
+        "--tasks", "arithmetic 2-digit +", "--json", str(tmp_path / "icl.json"),
+    )  # fmt: skip
+    results = json.loads((tmp_path / "icl.json").read_text())
+    assert [(r["task"], r["shots"]) for r in results["tasks"]] == [("arithmetic 2-digit +", k) for k in (0, 1)]
+    assert results["perplexity"]["bits_per_byte"] > 0 and "bits per byte" in out
