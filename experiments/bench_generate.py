@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_vs_pytorch import import_interop  # experiments/bench_vs_pytorch.py, beside this file
 
 import zoo
 from zoo import configs, interop
@@ -152,18 +153,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(not 1 <= p <= context for p in args.positions or ()):
         parser.error(f"--positions must lie in [1, {context}] (the context of --preset {args.preset})")
     return args
-
-
-def import_interop() -> tuple[Any, Any]:
-    """The torch and transformers modules, imported only when a run needs them (--help does not);
-    without them, stop naming the extra that installs them."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing comes from the hub: the model is built from a config
-    try:
-        import torch
-        import transformers
-    except ImportError as error:
-        raise SystemExit(f'{error}: this benchmark needs the interop extra: pip install -e ".[interop]"') from None
-    return torch, transformers
 
 
 def torch_model(preset: str, seed: int) -> torch.nn.Module:

@@ -20,7 +20,8 @@ def _script():
     return module
 
 
-def test_tiny_run_prints_and_writes_the_three_tables(tmp_path, capsys):
+def test_tiny_run_prints_and_writes_the_three_tables(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))  # as when run as a script: its neighbours import
     pytest.importorskip("torch", reason="the interop extra (torch, transformers) is not installed")
     pytest.importorskip("transformers", reason="the interop extra (torch, transformers) is not installed")
     _script().main([*TINY, "--json", str(tmp_path / "g.json"), "--plot", str(tmp_path / "g.png")])
