@@ -129,21 +129,33 @@ class GPT(nn.Module):
         if cfg.final_norm:
             self.final_norm = layer_norm(cfg)
 
-    def hidden_states(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Final hidden states [batch, length, d_model] (after the final LN, if any)."""
-        self._check_tokens(tokens)
-        length = tokens.shape[1]
-        x = self.token_embed(tokens) + self.pos_embed[:length].astype(self.cfg.dtype)
+    def hidden_states(
+        self, tokens: jax.Array, deterministic: bool = True, prefix: jax.Array | None = None
+    ) -> jax.Array:
+        """Final hidden states [batch, length, d_model] (after the final LN, if any). A `prefix`
+        [P, d_model] of embeddings (prompt tuning) is put before every row's tokens, at positions
+        0 to P - 1; the states returned are the tokens' only."""
+        self._check_tokens(tokens, 0 if prefix is None else prefix.shape[0])
+        x = self.token_embed(tokens)
+        if prefix is not None:
+            prefix = jnp.broadcast_to(prefix.astype(x.dtype), (x.shape[0], *prefix.shape))
+            x = jnp.concatenate([prefix, x], axis=1)
+        x = x + self.pos_embed[: x.shape[1]].astype(self.cfg.dtype)
         x = self.embed_dropout(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x, _ = self.layers(x, deterministic, None)
+        x = x[:, x.shape[1] - tokens.shape[1] :]
         return self.final_norm(x) if self.cfg.final_norm else x
 
-    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Next-token logits [batch, length, vocab] in float32; the output layer is the
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Next-token logits in float32 from final hidden states: the output layer is the
         transposed token embedding (tied weights)."""
-        logits = self.token_embed.attend(self.hidden_states(tokens, deterministic))
-        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = self.token_embed.attend(hidden).astype(jnp.float32)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+    def __call__(self, tokens: jax.Array, deterministic: bool = True, prefix: jax.Array | None = None) -> jax.Array:
+        """Next-token logits [batch, length, vocab] in float32 (after a learned `prefix`, if any)."""
+        return self.logits(self.hidden_states(tokens, deterministic, prefix))
 
     def extend(self, tokens: jax.Array, caches: dict[str, KVCache]) -> tuple[jax.Array, dict[str, KVCache]]:
         """Generation: run new tokens [B, L] at each row's own positions (the caches' `start` + i; the
@@ -157,12 +169,13 @@ class GPT(nn.Module):
         x = self.final_norm(x) if self.cfg.final_norm else x
         return self.token_embed.attend(x).astype(jnp.float32), caches
 
-    def _check_tokens(self, tokens: jax.Array) -> None:
+    def _check_tokens(self, tokens: jax.Array, prefix_length: int = 0) -> None:
         cfg = self.cfg
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integers [batch, length], got {tokens.dtype} {tokens.shape}")
-        if tokens.shape[1] > cfg.context_length:
-            raise ValueError(f"input length {tokens.shape[1]} exceeds context_length={cfg.context_length}")
+        if tokens.shape[1] + prefix_length > cfg.context_length:
+            prefix = f" after a prefix of {prefix_length}" if prefix_length else ""
+            raise ValueError(f"input length {tokens.shape[1]}{prefix} exceeds context_length={cfg.context_length}")
         concrete = isinstance(tokens, (np.ndarray, jax.Array)) and not isinstance(tokens, jax.core.Tracer)
         if concrete and tokens.size:  # ids are checkable outside jit only
             ids = np.asarray(tokens)

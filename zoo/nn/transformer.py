@@ -74,7 +74,9 @@ def layer_norm(cfg: BlockConfig, name: str | None = None) -> nn.LayerNorm:
 class Projection(nn.Module):
     """x · W + b contracting the last `len(in_names)` axes of x; W is [*in, *out] with logical
     names. (flax's DenseGeneral reshapes its kernel through a flat 2-D matrix at init, which
-    clashes with N-D logical constraints under a mesh: google/flax#3676.)"""
+    clashes with N-D logical constraints under a mesh: google/flax#3676.) Where the params hold
+    LoRA factors A [*in, rank] and B [rank, *out] beside W, adds (x · A) · B: the low-rank update
+    without the merged W + A · B."""
 
     features: tuple[int, ...]
     in_names: tuple[str | None, ...]
@@ -93,7 +95,11 @@ class Projection(nn.Module):
             (*x.shape[-contracted:], *self.features),
             self.param_dtype,
         )
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=contracted)
+        x = x.astype(self.dtype)
+        y = jnp.tensordot(x, kernel.astype(self.dtype), axes=contracted)
+        if self.has_variable("params", "lora_a"):  # LoRA adapters put in by zoo.adaptation.lora.inject
+            a, b = (self.get_variable("params", name).astype(self.dtype) for name in ("lora_a", "lora_b"))
+            y = y + jnp.tensordot(jnp.tensordot(x, a, axes=contracted), b, axes=1)
         if self.use_bias:
             bias = self.param("bias", zeros_init(self.out_names), self.features, self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -204,14 +210,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        dense = lambda features, std, names, name: nn.Dense(
-            features,
-            use_bias=cfg.use_bias,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=dense_init(std, names),
-            bias_init=zeros_init(names[-1:]),
-            name=name,
+        dense = lambda features, std, names, name: Projection(
+            (features,), names[:1], names[1:], std, cfg.use_bias, cfg.dtype, cfg.param_dtype, name=name
         )
         h = dense(cfg.d_ff, cfg.init_std, ("embed", "mlp"), "up")(x)
         h = nn.with_logical_constraint(ACTIVATIONS[cfg.activation](h), ("batch", "length", "mlp"))

@@ -55,7 +55,10 @@ class Task:
     `train_batch(step)` returns this process's rows of the global batch of `step` (a pytree of
     numpy arrays); `eval_batches()` yields evaluation batches the same way (None: no evaluation);
     `global_rows` is the global batch size; `flops_per_row` counts training FLOPs of one row (for
-    MFU) and `items_per_row` the tokens or images in one row (for throughput)."""
+    MFU) and `items_per_row` the tokens or images in one row (for throughput). `init_params` builds
+    params other than `model.init`'s (a model with a new head, base params beside adapters) and
+    `start_params` puts weights in a new run's fresh params (pretrained ones: it may return host
+    arrays; the loop lays them out like the fresh ones)."""
 
     model: nn.Module
     loss_fn: Callable
@@ -66,6 +69,8 @@ class Task:
     flops_per_row: float
     items_per_row: int
     item_name: str = "tokens"
+    init_params: Callable[[jax.Array], Any] | None = None  # key -> params boxed with logical names (None: model.init)
+    start_params: Callable[[Any], Any] | None = None  # fresh params -> the params a new run starts from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +114,7 @@ def state_shardings(
 ) -> tuple[Any, Any, Callable[[jax.Array], Any]]:
     """(abstract state with shardings, the shardings, the params' init function) of the
     train state {params, opt_state, step, rng}."""
-    init_params = lambda key: task.model.init(key, task.example_input)["params"]
+    init_params = task.init_params or (lambda key: task.model.init(key, task.example_input)["params"])
     boxed = jax.eval_shape(init_params, rng)
     param_shardings = sharding.logical_shardings(boxed, mesh)
     abstract_params = nn.unbox(boxed)
@@ -173,6 +178,8 @@ def train(
         if restored is None:
             with sharding.sharding_context(mesh):  # the model's kernels see the mesh they run on
                 state = initial_state(init_params, optimizer, shardings, rng)
+            if task.start_params is not None:
+                state["params"] = jax.device_put(task.start_params(state["params"]), shardings["params"])
         else:
             state = restored[0]
         start = int(jax.device_get(state["step"]))
