@@ -1,4 +1,5 @@
-"""Training tasks the experiments build: a GPT on packed token rows, a ViT on labelled images."""
+"""Training tasks the experiments build: a GPT on packed token rows, a GPT fine-tuned on encoded
+labelled examples, a ViT on labelled images."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from zoo.data.text import StepPipeline, TextPipeline, check_token_ids
+from zoo.adaptation import finetune
+from zoo.adaptation.finetune import Classifier
+from zoo.data.text import ArrayPipeline, StepPipeline, TextPipeline, check_token_ids
 from zoo.models.gpt import GPT
 from zoo.models.vit import ViT
 from zoo.train.loop import Task
@@ -66,6 +69,35 @@ def language_model(
         flops_per_row=gpt_flops_per_token(cfg) * cfg.context_length,
         items_per_row=cfg.context_length,
         item_name="tokens",
+    )
+
+
+def text_classifier(
+    model: Classifier,
+    train: dict[str, np.ndarray],
+    evaluate: dict[str, np.ndarray],
+    global_batch: int,
+    seed: int,
+    lm_weight: float = 0.5,
+    eval_batches: int | None = None,
+) -> Task:
+    """GPT-1's fine-tuning on encoded examples (`zoo.adaptation.finetune.encode`): the task loss plus
+    `lm_weight` times the LM loss; reports accuracy."""
+    tokens = train["tokens"]
+    for name, arrays in (("training", train), ("evaluation", evaluate)):
+        check_token_ids(arrays["tokens"], model.cfg.vocab_size, f"{name} examples")
+    train_pipeline = ArrayPipeline(train, global_batch, seed, **_process_slice())
+    eval_pipeline = ArrayPipeline(evaluate, global_batch, seed, shuffle=False, **_process_slice())
+    return Task(
+        model=model,
+        loss_fn=finetune.loss(lm_weight),
+        example_input={key: value[:1] for key, value in train.items()},
+        train_batch=train_pipeline.batch_at,
+        eval_batches=evaluation_batches(eval_pipeline, eval_batches),
+        global_rows=global_batch,
+        flops_per_row=gpt_flops_per_token(model.cfg) * tokens.shape[1] * tokens.shape[2],
+        items_per_row=1,
+        item_name="examples",
     )
 
 

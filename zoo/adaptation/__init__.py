@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import optax
 
-from zoo.adaptation import lora, prompt
+from zoo.adaptation import finetune, lora, prompt
 
 
 def where(params: Any, pattern: str) -> Any:
@@ -41,4 +41,4 @@ def _path(path: tuple) -> str:
     return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
 
 
-__all__ = ["frozen", "lora", "prompt", "train_only", "where"]
+__all__ = ["finetune", "frozen", "lora", "prompt", "train_only", "where"]

@@ -153,6 +153,30 @@ class TextPipeline(StepPipeline):
         return np.asarray(self.rows[self.indices(step)], dtype=np.int32)
 
 
+class ArrayPipeline(StepPipeline):
+    """Batches of records held as a dict of arrays with one leading record axis (e.g. encoded
+    fine-tuning examples), shuffled by seed, resumable by step."""
+
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        global_batch: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        shuffle: bool = True,
+    ):
+        sizes = {len(value) for value in arrays.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"the arrays hold different numbers of records: {sorted(sizes)}")
+        super().__init__(sizes.pop(), global_batch, seed, process_index, process_count, shuffle)
+        self.arrays = arrays
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        indices = self.indices(step)
+        return {key: value[indices] for key, value in self.arrays.items()}
+
+
 def packed_rows(tokenizer: TextTokenizer, documents: Iterable[str], length: int) -> np.ndarray:
     """Every document's tokens then <|endoftext|>, concatenated and cut into int32 rows [n, length + 1]."""
     stream = np.fromiter(

@@ -179,7 +179,10 @@ def train(
             with sharding.sharding_context(mesh):  # the model's kernels see the mesh they run on
                 state = initial_state(init_params, optimizer, shardings, rng)
             if task.start_params is not None:
-                state["params"] = jax.device_put(task.start_params(state["params"]), shardings["params"])
+                # a copy laid out like the fresh params (jit never aliases its inputs): the train step
+                # donates its state, and the caller keeps what it passed in
+                copy = jax.jit(lambda params: params, out_shardings=shardings["params"])
+                state["params"] = copy(task.start_params(state["params"]))
         else:
             state = restored[0]
         start = int(jax.device_get(state["step"]))
