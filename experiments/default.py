@@ -34,13 +34,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
-    # GPT-3's optimizer (AdamW, betas (0.9, 0.95), clipping 1, weight decay 0.1), a higher peak for
-    # this small model, warm-up over the first 10% of the run, cosine to 10% at its end.
-    experiment.run_language_model(
-        args, MODEL, "gpt3-small", learning_rate=2e-3, warmup_steps=args.steps // 10, decay_steps=args.steps
+def train(args: argparse.Namespace, model: zoo.GPTConfig = MODEL) -> dict:
+    """Train `model` as the flags say with this experiment's recipe: GPT-3's optimizer (AdamW, betas
+    (0.9, 0.95), clipping 1, weight decay 0.1), a higher peak for this small model, warm-up over the
+    first 10% of the run, cosine to 10% at its end."""
+    return experiment.run_language_model(
+        args, model, "gpt3-small", learning_rate=2e-3, warmup_steps=args.steps // 10, decay_steps=args.steps
     )
+
+
+def main() -> None:
+    train(parse_args())
 
 
 if __name__ == "__main__":

@@ -118,9 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         if jax.process_index() == 0 and not (args.text_dir / "validation").exists():
             write_problems(args.text_dir, task)
     if args.steps:
-        experiment.run_language_model(
-            args, MODEL, "gpt3-small", learning_rate=2e-3, warmup_steps=args.steps // 10, decay_steps=args.steps
-        )
+        default.train(args, MODEL)
     mesh = sharding.mesh_for(args.mesh)
     run = zoo.load(args.workdir, mesh)
     with sharding.sharding_context(mesh):

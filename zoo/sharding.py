@@ -170,11 +170,19 @@ def init_sharded(init_fn: Callable, mesh: Mesh, *args: Any, rules: Rules = RULES
 
 def optimizer_shardings(optimizer: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
     """Shardings for `optimizer.init(params)`: every copy of the params tree in the state
-    (e.g. Adam's mu and nu) is sharded like the params, the rest (step counts) replicated."""
+    (e.g. Adam's mu and nu) is sharded like the params, the rest (step counts) replicated. Where
+    the optimizer is masked (frozen params: `optax.masked`, `optax.multi_transform`), its copies
+    hold no array to shard."""
     state = jax.eval_shape(optimizer.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
+    masked = lambda leaf: isinstance(leaf, optax.MaskedNode)
     return optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, state, param_shardings, transform_non_params=lambda _: replicated
+        optimizer,
+        lambda leaf, sharding: leaf if masked(leaf) else sharding,
+        state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=masked,
     )
 
 
