@@ -7,6 +7,7 @@ extract token's state (Radford et al., 2018). A table of test accuracy per task 
     full_no_lm   pretrained, every weight fine-tuned, the task loss alone (λ = 0)
     probe        pretrained and frozen: only the linear head learns
     lora:R       pretrained and frozen, LoRA adapters of rank R on attention and MLP, and the head
+    prompt:P     pretrained and frozen, P learned prompt vectors before every sequence, and the head
 
     python experiments/gpt1_finetune.py                                 # pretrains the quickstart's model first
     python experiments/gpt1_finetune.py --init-from runs/default --tasks genre --settings full lora:4 lora:16
@@ -33,7 +34,7 @@ from etils import epath
 
 import zoo
 from zoo import adaptation, experiment, tasks
-from zoo.adaptation import finetune, lora
+from zoo.adaptation import finetune, lora, prompt
 from zoo.data import labelled
 from zoo.report import fmt, markdown_table
 from zoo.runs import Run
@@ -56,12 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-weight", type=float, default=0.5, help="λ of the auxiliary LM loss (default 0.5)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA's alpha: scale alpha / rank (default 16)")
     p.add_argument("--length", type=int, default=64, help="tokens per sequence, cut by the rule (default 64)")
+    p.add_argument("--lora-targets", default=LORA_TARGETS, help=f"kernels LoRA adapts (default {LORA_TARGETS})")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the tasks' sizes (default 1)")
     p.add_argument("--json", type=pathlib.Path, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     for setting in args.settings:
-        if setting not in SETTINGS and not (setting.startswith("lora:") and setting[5:].isdigit()):
-            p.error(f"unknown setting {setting!r}: one of {', '.join(SETTINGS)} or lora:RANK")
+        kind, _, size = setting.partition(":")
+        if setting not in SETTINGS and not (kind in ("lora", "prompt") and size.isdigit()):
+            p.error(f"unknown setting {setting!r}: one of {', '.join(SETTINGS)}, lora:RANK or prompt:LENGTH")
     return args
 
 
@@ -89,11 +92,23 @@ def adapt(task: Task, setting: str, params: Any, args: argparse.Namespace) -> tu
         )
     if setting == "probe":
         return dataclasses.replace(task, start_params=lambda fresh: {**fresh, "gpt": params}), head
-    rank = int(setting.removeprefix("lora:"))
+    kind, size = setting.split(":")
+    if kind == "prompt":  # the prompt starts as rows of the pretrained vocabulary
+        start = lambda fresh: {"base": {**fresh["base"], "gpt": params}, "prompt": prompt.init(params, key, int(size))}
+
+        def with_prompt(k: jax.Array) -> dict:
+            base = init(k)
+            return {"base": base, "prompt": prompt.init(base["gpt"], k, int(size))}
+
+        adapted = dataclasses.replace(
+            task, loss_fn=prompt.loss(task.loss_fn), init_params=with_prompt, start_params=start
+        )
+        return adapted, {"base": head, "prompt": True}
+    rank = int(size)
 
     def with_adapters(k: jax.Array) -> dict:
         base = init(k)
-        return {"base": base, "lora": lora.init(base, k, rank, args.lora_alpha, LORA_TARGETS)}
+        return {"base": base, "lora": lora.init(base, k, rank, args.lora_alpha, args.lora_targets)}
 
     adapters = nn.unbox(jax.eval_shape(with_adapters, key)["lora"])
     adapted = dataclasses.replace(
@@ -130,10 +145,14 @@ def fine_tune(
     }
     workdir = epath.Path(args.workdir) / name / setting.replace(":", "_")
     state = train(task, optimizer, mesh, workdir, experiment.loop_config(args), config)["state"]
-    weights = state["params"]
+    weights, prefix = state["params"], None
     if setting.startswith("lora:"):
         weights = lora.merge(weights["base"], weights["lora"])
-    accuracy = float(np.mean(finetune.predict(model, weights, test_set) == test_set["label"]))
+        lora.save(workdir / "adapters", state["params"]["lora"])  # a small file, to share or load alone
+    if setting.startswith("prompt:"):
+        weights, prefix = weights["base"], weights["prompt"]
+    predicted = finetune.predict(model, weights, test_set, prefix=prefix)
+    accuracy = float(np.mean(predicted == test_set["label"]))
     trained = [leaf for leaf, t in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(trainable)) if t]
     return {
         "task": name,

@@ -183,3 +183,23 @@ def test_prompt_tuning_trains_the_prompt_alone(gpt):
 def test_where_marks_the_paths_a_pattern_matches():
     tree = {"head": {"kernel": 1, "bias": 2}, "layers": {"head_dim": 3}}
     assert adaptation.where(tree, r"^head/") == {"head": {"kernel": True, "bias": True}, "layers": {"head_dim": False}}
+
+
+def test_adapters_save_alone_and_load_onto_another_layout(gpt, tmp_path):
+    model, params, tokens = gpt
+    adapters = randomised(lora.init(params, jax.random.key(2), rank=4, targets=ALL))
+    lora.save(tmp_path / "adapters", adapters)
+    size = sum(f.stat().st_size for f in (tmp_path / "adapters").rglob("*") if f.is_file())
+    assert size < 4 * lora.count(params)  # the adapters' bytes, not the model's
+    boxed = jax.eval_shape(lambda key: model.init(key, tokens[:, :-1])["params"], jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: lora.init(boxed, key, rank=4, targets=ALL), jax.random.key(1))
+    mesh = sharding.mesh_for("fsdp_tp")
+    like = jax.tree.map(
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+        nn.unbox(shapes),
+        sharding.logical_shardings(shapes, mesh),
+    )
+    loaded = lora.load(tmp_path / "adapters", like)
+    jax.tree.map(np.testing.assert_array_equal, loaded, adapters)
+    assert [x.sharding for x in jax.tree.leaves(loaded)] == [s.sharding for s in jax.tree.leaves(like)]
+    np.testing.assert_array_equal(jax.tree.leaves(lora.load(tmp_path / "adapters"))[0], jax.tree.leaves(adapters)[0])

@@ -50,6 +50,7 @@ FLAGS_USERS_NEED = {
     "bench_generate.py": ("--preset", "--batch-sizes", "--max-new-tokens", "--positions", "--peak-hbm-gbps", "--json"),
     "eval_incontext.py": ("--workdir", "--from-transformers", "--shots", "--limit", "--tasks", "--tfds", "--plot"),
     "self_consistency.py": (*TEXT, "--problems", "--held-out", "--k", "--temperature", "--plot"),
+    "gpt1_finetune.py": (*TRAINING, "--init-from", "--tasks", "--settings", "--lm-weight", "--lora-alpha", "--tfds"),
     "bench_tokenizers.py": ("--chinese", "--vocab-sizes", "--train-steps", "--train-vocab-size", "--json"),
     "bench_data.py": ("--scales", "--workers", "--batches", "--json"),
     "bench_input.py": ("--experiments", "--steps", "--prefetch", "--synthetic", "--json"),
@@ -99,7 +100,7 @@ def test_every_help_exits_0_names_the_flags_users_need_and_needs_no_extra():
         assert [flag for flag in flags if flag not in text] == [], f"{script} --help lacks them"
 
 
-def test_default_experiment_trains_evaluates_and_samples(tmp_path):
+def test_default_experiment_trains_evaluates_samples_and_fine_tunes(tmp_path):
     out = run(
         "default.py",
         *"--steps 3 --batch 2 --eval-batches 1 --samples 1 --sample-tokens 8".split(),
@@ -120,6 +121,17 @@ def test_default_experiment_trains_evaluates_and_samples(tmp_path):
     out = run("generate.py", "--workdir", str(tmp_path / "run"), "--prompt", "ROMEO.", "--temperature", "0",
               "--max-new-tokens", "6")  # fmt: skip
     assert f"ROMEO.{run_.tokenizer.decode(greedy[0].tolist())}" in out and "(step 3)" in out
+    # GPT-1's fine-tuning starts from the run (one task, tiny: the settings' table, not their accuracy)
+    out = run(
+        "gpt1_finetune.py", "--init-from", str(tmp_path / "run"), "--workdir", str(tmp_path / "ft"),
+        "--tasks", "same_play", "--settings", "full", "lora:2", "--scale", "0.02", "--steps", "2", "--batch", "4",
+        "--length", "32", "--json", str(tmp_path / "ft.json"),
+    )  # fmt: skip
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "ft.json").read_text())}
+    assert set(rows) == {"full", "lora:2"} and "| same_play | lora:2 " in out
+    assert rows["lora:2"]["trainable"] < rows["full"]["trainable"] / 10
+    assert rows["lora:2"]["optimizer_bytes"] < rows["full"]["optimizer_bytes"] / 10
+    assert all(0 <= r["accuracy"] <= 1 and r["test"] > 0 for r in rows.values())
 
 
 def test_gpt3_trains_any_preset_scaled_down_on_a_store_prepared_ahead(tmp_path, capfd):

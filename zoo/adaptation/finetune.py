@@ -177,10 +177,14 @@ class Classifier(nn.Module):
         )
         self.dropout = nn.Dropout(self.head_dropout)
 
-    def __call__(self, batch: dict, deterministic: bool = True, lm: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(
+        self, batch: dict, deterministic: bool = True, lm: bool = True, prefix: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The task logits and (with `lm`) the next-token logits; a `prefix` of embeddings (prompt
+        tuning) goes before every sequence."""
         tokens = batch["tokens"]
         b, c, t = tokens.shape
-        hidden = self.gpt.hidden_states(tokens.reshape(b * c, t), deterministic).reshape(b, c, t, -1)
+        hidden = self.gpt.hidden_states(tokens.reshape(b * c, t), deterministic, prefix).reshape(b, c, t, -1)
         final = jnp.take_along_axis(hidden, batch["extract"][:, :, None, None], axis=2)[:, :, 0]  # [B, C, d]
         if self.kind == "similarity":
             final = final.sum(axis=1, keepdims=True)
@@ -211,9 +215,11 @@ def loss(lm_weight: float = 0.5) -> Callable:
     return classifier_loss
 
 
-def predict(model: Classifier, params: Any, batch: dict, batch_size: int = 64) -> np.ndarray:
+def predict(
+    model: Classifier, params: Any, batch: dict, batch_size: int = 64, prefix: jax.Array | None = None
+) -> np.ndarray:
     """The predicted class (or option) of every example of an encoded `batch`, in batches."""
-    apply = jax.jit(lambda p, b: jnp.argmax(model.apply({"params": p}, b, lm=False)[0], -1))
+    apply = jax.jit(lambda p, b: jnp.argmax(model.apply({"params": p}, b, lm=False, prefix=prefix)[0], -1))
     size = len(batch["label"])
     out = []
     for begin in range(0, size, batch_size):

@@ -18,6 +18,7 @@ projections: attention's fused q/k/v ("attn/qkv": q, k and v adapted together) a
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+
+from zoo.paths import absolute
 
 # Module name -> (input axes, output axes) of its kernel; axes before those are stacked layers.
 ADAPTABLE = {"qkv": (1, 3), "out": (2, 1), "up": (1, 1), "down": (1, 1)}
@@ -103,6 +107,21 @@ def loss(loss_fn: Callable) -> Callable:
     return lambda model, params, batch, **kwargs: loss_fn(
         model, inject(params["base"], params["lora"]), batch, **kwargs
     )
+
+
+def save(directory: str | os.PathLike, adapters: dict) -> None:
+    """Write the adapters alone (megabytes where the model is gigabytes) with orbax; a directory
+    that holds some is replaced."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(absolute(directory), adapters, force=True)
+
+
+def load(directory: str | os.PathLike, like: Any = None) -> dict:
+    """Adapters written by `save`; laid out as `like` asks (a tree of `jax.ShapeDtypeStruct`s with
+    shardings, e.g. from `jax.eval_shape` of `init` and `zoo.sharding.logical_shardings` on another
+    mesh), or as saved where `like` is None."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(absolute(directory), like)
 
 
 def trainable(adapters: dict) -> dict:
