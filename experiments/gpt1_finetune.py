@@ -37,7 +37,7 @@ from zoo import adaptation, experiment, tasks
 from zoo.adaptation import finetune, lora, prompt
 from zoo.data import labelled
 from zoo.report import fmt, markdown_table
-from zoo.runs import Run
+from zoo.runs import Run, load_transformers
 from zoo.train import Task, recipes, train
 
 TASKS = ("genre", "same_play", "speaker", "next_line")
@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags (of `argv`, default the command line), with this experiment's defaults."""
     p = experiment.parser(__doc__, workdir="runs/gpt1_finetune", steps=300, batch=16, checkpoint_every=0)
     p.add_argument("--init-from", type=epath.Path, help="a trained run (default: pretrain in <workdir>/pretrained)")
+    p.add_argument("--from-transformers", metavar="DIR", help="or a GPT-2 save_pretrained folder with its tokenizer")
     p.add_argument("--pretrain-steps", type=int, default=600, help="steps of that pretraining (default 600)")
     p.add_argument("--data-dir", default="runs/data", help="the pretraining corpus's caches (default runs/data)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks by name (default {' '.join(TASKS)})")
@@ -69,7 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def pretrained(args: argparse.Namespace, mesh: jax.sharding.Mesh) -> Run:
-    """The run to fine-tune: --init-from, or the quickstart's model pretrained in <workdir>/pretrained."""
+    """The run to fine-tune: --from-transformers, --init-from, or the quickstart's model pretrained in
+    <workdir>/pretrained."""
+    if args.from_transformers:
+        args.init_from = args.from_transformers
+        return load_transformers(args.from_transformers, mesh)
     if args.init_from is None:
         args.init_from = epath.Path(args.workdir) / "pretrained"
         flags = ["--workdir", str(args.init_from), "--steps", str(args.pretrain_steps), "--samples", "0"]
