@@ -50,6 +50,7 @@ FLAGS_USERS_NEED = {
     "bench_generate.py": ("--preset", "--batch-sizes", "--max-new-tokens", "--positions", "--peak-hbm-gbps", "--json"),
     "eval_incontext.py": ("--workdir", "--from-transformers", "--shots", "--limit", "--tasks", "--tfds", "--plot"),
     "self_consistency.py": (*TEXT, "--problems", "--held-out", "--k", "--temperature", "--plot"),
+    "vit_lora.py": (*TRAINING, "--init-from", "--image-size", "--ranks", "--alpha", "--synthetic"),
     "gpt1_finetune.py": (*TRAINING, "--init-from", "--tasks", "--settings", "--lm-weight", "--lora-alpha", "--tfds"),
     "bench_tokenizers.py": ("--chinese", "--vocab-sizes", "--train-steps", "--train-vocab-size", "--json"),
     "bench_data.py": ("--scales", "--workers", "--batches", "--json"),

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from zoo import interop, sharding
 from zoo.models.gpt import GPT, GPTConfig
+from zoo.models.vit import ViT, ViTConfig
 from zoo.paths import absolute
 from zoo.tokenizer import TextTokenizer, tokenizer_in
 
@@ -50,9 +51,31 @@ def load(workdir: str | os.PathLike, mesh: Mesh | None = None) -> Run:
     if set(fields) != {field.name for field in dataclasses.fields(GPTConfig)}:
         raise ValueError(f"{workdir} is not a language-model run (its model config is not a GPTConfig)")
     model = GPT(GPTConfig(**fields))
+    params, step = _restore_params(workdir, model, jnp.zeros((1, 8), jnp.int32), mesh)
+    return Run(model, params, tokenizer_in(workdir), step, config)
+
+
+def load_vit(workdir: str | os.PathLike, mesh: Mesh | None = None) -> tuple[ViT, Any, int]:
+    """(model, params, step) of the image-classifier run in `workdir` at its newest checkpoint, laid out
+    on `mesh` as `load` does."""
+    workdir = epath.Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
+    fields = json.loads((workdir / "config.json").read_text())["model"]
+    if set(fields) != {field.name for field in dataclasses.fields(ViTConfig)}:
+        raise ValueError(f"{workdir} is not an image-classifier run (its model config is not a ViTConfig)")
+    model = ViT(ViTConfig(**{name: tuple(v) if isinstance(v, list) else v for name, v in fields.items()}))
+    cfg = model.cfg
+    params, step = _restore_params(workdir, model, jnp.zeros((1, *cfg.image_size, cfg.num_channels)), mesh)
+    return model, params, step
+
+
+def _restore_params(workdir: epath.Path, model: nn.Module, example: jax.Array, mesh: Mesh | None) -> tuple[Any, int]:
+    """The params (no optimizer state read) at the newest checkpoint, and its step."""
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"])
+    shardings = sharding.logical_shardings(boxed, mesh or sharding.mesh_for("data=-1"))
     abstract = jax.tree.map(
-        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-        *_laid_out(model, mesh or sharding.mesh_for("data=-1")),
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), nn.unbox(boxed), shardings
     )
     with ocp.CheckpointManager(absolute(workdir / "checkpoints")) as manager:
         step = manager.latest_step()
@@ -62,7 +85,7 @@ def load(workdir: str | os.PathLike, mesh: Mesh | None = None) -> Run:
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         state = ocp.args.PyTreeRestore(item, restore_args, partial_restore=True)  # the params only
         restored = manager.restore(step, args=ocp.args.Composite(state=state))
-    return Run(model, restored.state["params"], tokenizer_in(workdir), int(step), config)
+    return restored.state["params"], int(step)
 
 
 def load_transformers(folder: str | os.PathLike, mesh: Mesh | None = None) -> Run:
