@@ -150,6 +150,6 @@ def test_a_run_starts_from_the_pretrained_weights_it_is_given(grown, tmp_path):
     task.start_params = lambda fresh: {**fresh, "gpt": new}
     recipe = recipes.Recipe(1e-3, 1, 2, 0.1, 0.0, (0.9, 0.999))  # step 1's rate is 0: nothing moves
     optimizer, loop = recipes.optimizer(recipe), LoopConfig(1, progress=False)
-    summary = train(task, optimizer, sharding.mesh_for("fsdp"), tmp_path, loop, {})
+    summary = train(task, optimizer, sharding.mesh_for("data=1", jax.devices()[:1]), tmp_path, loop, {})
     jax.tree.map(np.testing.assert_array_equal, summary["state"]["params"]["gpt"], new)
     assert 0 <= summary["eval_accuracy"] <= 1

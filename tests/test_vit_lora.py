@@ -43,8 +43,9 @@ def table(out: str) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in rows[2:]}
 
 
-def test_the_table_compares_the_untuned_lora_and_fully_fine_tuned_models(workdir):
-    _, out = workdir
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # the LoRA run restored as saved: one CPU device
+def test_the_table_compares_the_models_and_lora_changes_only_the_adapters_and_the_head(workdir):
+    run, out = workdir
     assert "(28, 28) -> (14, 14): 64 test images" in out
     rows = table(out)
     assert list(rows) == ["interpolated, not fine-tuned", "LoRA r=2 alpha=16, head", "full fine-tuning"], out
@@ -52,12 +53,7 @@ def test_the_table_compares_the_untuned_lora_and_fully_fine_tuned_models(workdir
     number = lambda row, column: int(rows[row][column].replace(",", ""))
     for column in (1, 2):  # trainable parameters, optimizer-state bytes
         assert 0 < number("LoRA r=2 alpha=16, head", column) < number("full fine-tuning", column), out
-
-
-@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # restored as saved: one CPU device
-def test_lora_changes_only_the_adapters_and_the_head(workdir):
-    """The LoRA run's final params against its start: the interpolated base, fresh adapters (B = 0)."""
-    run, _ = workdir
+    # the LoRA run's final params against its start: the interpolated base, fresh adapters (B = 0)
     model, params, _ = load_vit(run / "base")
     _, start = vit.resize_position_embeddings(model.cfg, params, 14)
     with ocp.CheckpointManager(run / "lora-r2" / "checkpoints") as manager:
