@@ -1,7 +1,12 @@
-"""The environment of a script the tests run as a subprocess."""
+"""The experiment scripts as the tests run them: as a subprocess (its environment) or as a module."""
 
+import importlib.util
 import os
+import pathlib
 import re
+from types import ModuleType
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 
 
 def cpu_environment(devices: int = 8) -> dict[str, str]:
@@ -13,3 +18,11 @@ def cpu_environment(devices: int = 8) -> dict[str, str]:
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"{flags.strip()} --xla_force_host_platform_device_count={devices}".strip(),
     }
+
+
+def experiment_module(name: str) -> ModuleType:
+    """experiments/`name`.py loaded as a module (its main() not run)."""
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
-from subprocess_env import cpu_environment
+from subprocess_env import cpu_environment, experiment_module
 
 from zoo import bench, configs, sharding
 
@@ -280,15 +280,8 @@ def test_every_chip_has_positive_figures():
     }
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_sharding", ROOT / "experiments" / "bench_sharding.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_layouts_that_do_not_fit_are_explained():
-    script = _script()
+    script = experiment_module("bench_sharding")
     cfg = configs.gpt("gpt2-small", num_heads=4, d_model=32, d_ff=64, vocab_size=64)
     assert script.misfit(cfg, "dp", 8) is None
     assert "num_heads=4 is not a multiple of tensor=8" in script.misfit(cfg, "tp", 8)
@@ -378,6 +371,7 @@ def test_a_mesh_axis_that_splits_a_torus_axis(monkeypatch):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # as in run(): load libtpu beside another user
     cfg = configs.gpt("gpt2-small", num_heads=4, d_model=32, d_ff=64, vocab_size=64)
     devices = bench.topology_devices("v5p:8x8x8")
-    assert _script().misfit(cfg, "fsdp", 512, devices) is None
-    assert _script().misfit(cfg, "fsdp_tp", 512, devices) is None  # tensor=2 splits one 8-chip axis
+    script = experiment_module("bench_sharding")
+    assert script.misfit(cfg, "fsdp", 512, devices) is None
+    assert script.misfit(cfg, "fsdp_tp", 512, devices) is None  # tensor=2 splits one 8-chip axis
     assert dict(sharding.mesh_for("fsdp_tp", devices).shape) == {"data": 1, "fsdp": 256, "tensor": 2}

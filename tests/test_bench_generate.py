@@ -1,10 +1,10 @@
 """experiments/bench_generate.py end to end at a tiny size: every table's rows are there and plausible."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from subprocess_env import experiment_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -13,18 +13,12 @@ TINY = [
 ]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "experiments" / "bench_generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tiny_run_prints_and_writes_the_three_tables(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "experiments"))  # as when run as a script: its neighbours import
     pytest.importorskip("torch", reason="the interop extra (torch, transformers) is not installed")
     pytest.importorskip("transformers", reason="the interop extra (torch, transformers) is not installed")
-    _script().main([*TINY, "--json", str(tmp_path / "g.json"), "--plot", str(tmp_path / "g.png")])
+    script = experiment_module("bench_generate")
+    script.main([*TINY, "--json", str(tmp_path / "g.json"), "--plot", str(tmp_path / "g.png")])
     out = capsys.readouterr().out
     assert "| batch | new tokens | zoo tokens/s | transformers tokens/s |" in out and "HBM use" in out
     assert "| tokens so far |" in out and "| gpt3-small |" in out

@@ -1,37 +1,28 @@
 """experiments/bench_vs_pytorch.py end to end at a tiny size: both frameworks train the same model. No timings."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from subprocess_env import experiment_module
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     *"--set num_layers=2 --set d_model=64 --set num_heads=4 --set context_length=16".split(),
     *"--batch 2 --warmup 1 --steps 1".split(),
 ]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_vs_pytorch", ROOT / "experiments" / "bench_vs_pytorch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_without_the_interop_extra_a_run_names_the_extra_to_install(monkeypatch):
     for name in ("torch", "transformers"):
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     with pytest.raises(SystemExit, match=r'pip install -e "\.\[interop\]"'):
-        _script().main(TINY)
+        experiment_module("bench_vs_pytorch").main(TINY)
 
 
 def test_tiny_run_reports_both_frameworks_on_the_same_model(tmp_path, capsys):
     pytest.importorskip("torch", reason="the interop extra (torch, transformers) is not installed")
     pytest.importorskip("transformers", reason="the interop extra (torch, transformers) is not installed")
-    _script().main([*TINY, "--json", str(tmp_path / "b.json")])
+    experiment_module("bench_vs_pytorch").main([*TINY, "--json", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
     assert "| zoo (jax.jit)" in out and "| pytorch (eager)" in out and "zoo/pytorch tokens/s:" in out
     result = json.loads((tmp_path / "b.json").read_text())

@@ -1,7 +1,6 @@
 """zoo.interop: transformers GPT-2, GPT-1 and ViT weights give our models the same logits."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subprocess_env import experiment_module
 
 torch = pytest.importorskip("torch", reason="the interop extra (torch, transformers) is not installed")
 transformers = pytest.importorskip("transformers", reason="the interop extra (torch, transformers) is not installed")
@@ -278,10 +278,8 @@ def test_generate_script_continues_a_gpt2_folder_as_transformers_does(tmp_path, 
         expected = model.generate(
             torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_id
         )
-    spec = importlib.util.spec_from_file_location("generate", REPO / "experiments" / "generate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.main(["--from-transformers", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8"])
+    flags = ["--from-transformers", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8"]
+    experiment_module("generate").main(flags)
     assert capsys.readouterr().out == f"--- 1 (step 0) ---\n{tokenizer.decode(expected[0].tolist())}\n"
 
 

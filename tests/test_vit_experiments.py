@@ -1,6 +1,5 @@
 """The ViT experiments run end to end from the command line (tiny settings, random images)."""
 
-import importlib.util
 import json
 import pathlib
 import re
@@ -8,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from subprocess_env import cpu_environment
+from subprocess_env import cpu_environment, experiment_module
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = "--set num_layers=1 --set d_model=32 --set num_heads=2 --set d_ff=64".split()
@@ -32,19 +31,11 @@ def dirs(tmp_path: pathlib.Path) -> list[str]:
     return ["--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")]
 
 
-def fashion_mnist():
-    """experiments/vit_fashion_mnist.py as a module."""
-    spec = importlib.util.spec_from_file_location("vit_fashion_mnist", ROOT / "experiments" / "vit_fashion_mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_fashion_mnist_without_data_stops_at_once_naming_what_to_pass(tmp_path, monkeypatch, capsys):
     """No --data, no $ZOO_DATA_DIR/fashion-mnist and no tfds build: an error before any download is tried."""
     monkeypatch.delenv("ZOO_DATA_DIR", raising=False)
     with pytest.raises(SystemExit) as stopped:
-        fashion_mnist().parse_args(["--data-dir", str(tmp_path / "data")])
+        experiment_module("vit_fashion_mnist").parse_args(["--data-dir", str(tmp_path / "data")])
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert all(hint in error for hint in ("--data DIR", "ZOO_DATA_DIR", "--download", "--synthetic N")), error
@@ -53,9 +44,9 @@ def test_fashion_mnist_without_data_stops_at_once_naming_what_to_pass(tmp_path, 
 def test_fashion_mnist_finds_its_data_by_the_environment_variable(tmp_path, monkeypatch):
     (tmp_path / "fashion-mnist").mkdir()
     monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path))
-    assert fashion_mnist().parse_args([]).data == tmp_path / "fashion-mnist"
+    assert experiment_module("vit_fashion_mnist").parse_args([]).data == tmp_path / "fashion-mnist"
     monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "elsewhere"))
-    assert fashion_mnist().parse_args(["--synthetic", "8"]).data is None
+    assert experiment_module("vit_fashion_mnist").parse_args(["--synthetic", "8"]).data is None
 
 
 def test_fashion_mnist_trains_and_reports_test_accuracy(tmp_path):
