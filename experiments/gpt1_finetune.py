@@ -88,18 +88,15 @@ def adapt(task: Task, setting: str, params: Any, args: argparse.Namespace) -> tu
     key = jax.random.key(args.seed)
     init = lambda k: task.model.init(k, task.example_input)["params"]
     shapes = nn.unbox(jax.eval_shape(init, key))
-    head = adaptation.where(shapes, r"^head/")
+    head, everything = adaptation.where(shapes, r"^head/"), jax.tree.map(lambda _: True, shapes)
+    pretrained = lambda fresh: {**fresh, "gpt": params}  # a fresh head on the pretrained GPT
     if setting == "scratch":
-        return task, jax.tree.map(lambda _: True, shapes)
-    if setting in ("full", "full_no_lm"):
-        return dataclasses.replace(task, start_params=lambda fresh: {**fresh, "gpt": params}), jax.tree.map(
-            lambda _: True, shapes
-        )
-    if setting == "probe":
-        return dataclasses.replace(task, start_params=lambda fresh: {**fresh, "gpt": params}), head
+        return task, everything
+    if setting in ("full", "full_no_lm", "probe"):
+        return dataclasses.replace(task, start_params=pretrained), head if setting == "probe" else everything
     kind, size = setting.split(":")
     if kind == "prompt":  # the prompt starts as rows of the pretrained vocabulary
-        start = lambda fresh: {"base": {**fresh["base"], "gpt": params}, "prompt": prompt.init(params, key, int(size))}
+        start = lambda fresh: {"base": pretrained(fresh["base"]), "prompt": prompt.init(params, key, int(size))}
 
         def with_prompt(k: jax.Array) -> dict:
             base = init(k)
@@ -120,7 +117,7 @@ def adapt(task: Task, setting: str, params: Any, args: argparse.Namespace) -> tu
         task,
         loss_fn=lora.loss(task.loss_fn),
         init_params=with_adapters,
-        start_params=lambda fresh: {"base": {**fresh["base"], "gpt": params}, "lora": fresh["lora"]},
+        start_params=lambda fresh: {"base": pretrained(fresh["base"]), "lora": fresh["lora"]},
     )
     return adapted, {"base": head, "lora": lora.trainable(adapters)}
 
