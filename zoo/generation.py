@@ -88,6 +88,26 @@ def generate(
     return new
 
 
+def generate_padded(
+    model: GPT,
+    params: Any,
+    prompt: jax.Array,
+    lengths: jax.Array,
+    max_new_tokens: int,
+    rng: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+) -> jax.Array:
+    """`generate` for callers that are compiled themselves (PPO's rollouts inside its train step):
+    prompts already right-padded, int32 [B, P], with their lengths [B]; no host-side checks. The
+    new tokens [B, max_new_tokens], each row cut at its first stop token as `generate` does."""
+    sampling = (float(temperature), top_k, top_p, tuple(int(t) for t in stop_tokens), 1)
+    return _generate(model, params, prompt, lengths, rng, max_new_tokens, sampling, None)
+
+
 def choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
     """Next tokens [B] from float32 logits [B, vocab]: the argmax at temperature 0, else a sample of
     softmax(logits / temperature) restricted to the top-k tokens, then to the top-p nucleus."""

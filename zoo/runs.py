@@ -25,7 +25,7 @@ from zoo import interop, sharding
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.models.vit import ViT, ViTConfig
 from zoo.paths import absolute
-from zoo.tokenizer import TextTokenizer, tokenizer_in
+from zoo.tokenizer import TextTokenizer, WithSpecialTokens, tokenizer_in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,8 @@ class Run:
 def load(workdir: str | os.PathLike, mesh: Mesh | None = None) -> Run:
     """The language-model run in `workdir` (local or gs://) at its newest checkpoint, its params laid
     out on `mesh` (default: every device, replicated over a data axis) by the logical rules, whatever
-    layout it was saved under."""
+    layout it was saved under. A config with "special_tokens" ({"first", "names"}) gives a tokenizer
+    that knows them."""
     workdir = epath.Path(workdir)
     if not (workdir / "config.json").exists():
         raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
@@ -52,7 +53,10 @@ def load(workdir: str | os.PathLike, mesh: Mesh | None = None) -> Run:
         raise ValueError(f"{workdir} is not a language-model run (its model config is not a GPTConfig)")
     model = GPT(GPTConfig(**fields))
     params, step = _restore_params(workdir, model, jnp.zeros((1, 8), jnp.int32), mesh)
-    return Run(model, params, tokenizer_in(workdir), step, config)
+    tokenizer = tokenizer_in(workdir)
+    if "special_tokens" in config:  # e.g. a chat model's role tokens, after the tokenizer's own
+        tokenizer = WithSpecialTokens(tokenizer, **config["special_tokens"])
+    return Run(model, params, tokenizer, step, config)
 
 
 def load_vit(workdir: str | os.PathLike, mesh: Mesh | None = None) -> tuple[ViT, Any, int]:

@@ -1,5 +1,6 @@
 """Training tasks the experiments build: a GPT on packed token rows, a GPT fine-tuned on encoded
-labelled examples, a ViT on labelled images."""
+labelled examples, a ViT on labelled images, and InstructGPT's three stages (supervised chat,
+the reward model, PPO)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import numpy as np
 
 from zoo.adaptation import finetune
 from zoo.adaptation.finetune import Classifier
+from zoo.alignment import chat, ppo, reward
+from zoo.alignment.reward import RewardModel
 from zoo.data.text import ArrayPipeline, StepPipeline, TextPipeline, check_token_ids
 from zoo.models.gpt import GPT
 from zoo.models.vit import ViT
@@ -114,4 +117,111 @@ def image_classifier(model: ViT, train: StepPipeline, evaluate: StepPipeline, ev
         flops_per_row=vit_flops_per_image(cfg),
         items_per_row=1,
         item_name="images",
+    )
+
+
+def supervised_chat(
+    model: GPT,
+    train: dict[str, np.ndarray],
+    evaluate: dict[str, np.ndarray],
+    global_batch: int,
+    seed: int,
+    eval_batches: int | None = None,
+) -> Task:
+    """Supervised fine-tuning on encoded conversations (`zoo.alignment.chat.encode`): the next-token
+    loss on the assistant's tokens only."""
+    cfg = model.cfg
+    for name, arrays in (("training", train), ("evaluation", evaluate)):
+        check_token_ids(arrays["tokens"], cfg.vocab_size, f"{name} conversations")
+    length = train["tokens"].shape[1] - 1
+    return Task(
+        model=model,
+        loss_fn=chat.loss,
+        example_input=train["tokens"][:1, :-1],
+        train_batch=ArrayPipeline(train, global_batch, seed, **_process_slice()).batch_at,
+        eval_batches=evaluation_batches(ArrayPipeline(evaluate, global_batch, seed, shuffle=False), eval_batches),
+        global_rows=global_batch,
+        flops_per_row=gpt_flops_per_token(cfg) * length,
+        items_per_row=length,
+    )
+
+
+def reward_model(
+    model: RewardModel,
+    train: dict[str, np.ndarray],
+    evaluate: dict[str, np.ndarray],
+    global_batch: int,
+    seed: int,
+    eval_batches: int | None = None,
+) -> Task:
+    """The reward model on encoded comparisons (`zoo.alignment.reward.encode`), every pair of a
+    prompt's K responses in the same batch; reports pairwise accuracy."""
+    for name, arrays in (("training", train), ("evaluation", evaluate)):
+        check_token_ids(arrays["tokens"], model.cfg.vocab_size, f"{name} comparisons")
+    _, k, length = train["tokens"].shape
+    return Task(
+        model=model,
+        loss_fn=reward.loss,
+        example_input=train["tokens"][:1, 0],
+        train_batch=ArrayPipeline(train, global_batch, seed, **_process_slice()).batch_at,
+        eval_batches=evaluation_batches(ArrayPipeline(evaluate, global_batch, seed, shuffle=False), eval_batches),
+        global_rows=global_batch,
+        flops_per_row=gpt_flops_per_token(model.cfg) * k * length,
+        items_per_row=k,
+        item_name="responses",
+    )
+
+
+def proximal_policy(
+    policy: GPT,
+    config: ppo.PPOConfig,
+    prompts: dict[str, np.ndarray],
+    pretraining: np.ndarray,
+    held_out: np.ndarray,
+    global_batch: int,
+    seed: int,
+    constants: dict,
+    start_params: Callable[[Any], Any],
+    stop_token: int,
+    true_score: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    eval_batches: int | None = 8,
+) -> Task:
+    """PPO(-ptx) of `policy` on batches of `prompts` ({"prompt", "length", "instruction"}) beside
+    rows of the pretraining corpus; the value model is a `RewardModel` of the policy's shape.
+    `constants` = {"reference", "reward"} (laid out on the mesh); `start_params(fresh)` gives
+    {"policy", "value"} to start from. Evaluation: the policy's next-token loss on `held_out`
+    pretraining rows (what PPO-ptx keeps low)."""
+    critic = RewardModel(policy.cfg)
+    check_token_ids(pretraining, policy.cfg.vocab_size, "pretraining rows")
+    tokens = prompts["prompt"].shape[1] + config.response_tokens
+    if tokens > policy.cfg.context_length:
+        raise ValueError(
+            f"prompts of {prompts['prompt'].shape[1]} tokens and responses of {config.response_tokens} exceed "
+            f"context_length={policy.cfg.context_length}"
+        )
+    prompt_pipeline = ArrayPipeline(prompts, global_batch, seed, **_process_slice())
+    ptx_pipeline = TextPipeline(pretraining, global_batch, seed, **_process_slice())
+    held_out_pipeline = TextPipeline(held_out, global_batch, seed, shuffle=False, **_process_slice())
+
+    def init_params(key: jax.Array) -> dict:
+        example = prompts["prompt"][:1]
+        return {"policy": policy.init(key, example)["params"], "value": critic.init(key, example)["params"]}
+
+    per_token = gpt_flops_per_token(policy.cfg)  # training FLOPs; a forward pass is a third
+    forward_tokens = config.response_tokens + 4 * tokens  # generation, then policy, reference, value, reward
+    trained_tokens = config.epochs * (2 * tokens + (pretraining.shape[1] if config.ptx_coef else 0))
+    return Task(
+        model=policy,
+        loss_fn=lambda model, params, batch, **kwargs: next_token_loss(model, params["policy"], batch, **kwargs),
+        example_input=prompts["prompt"][:1],
+        train_batch=lambda step: {**prompt_pipeline.batch_at(step), "ptx": ptx_pipeline.batch_at(step)},
+        eval_batches=evaluation_batches(held_out_pipeline, eval_batches),
+        global_rows=global_batch,
+        flops_per_row=per_token * (forward_tokens / 3 + trained_tokens),
+        items_per_row=1,
+        item_name="prompts",
+        init_params=init_params,
+        start_params=start_params,
+        train_step=ppo.train_step(policy, critic, config, stop_token, true_score),
+        constants=constants,
     )

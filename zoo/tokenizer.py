@@ -102,6 +102,51 @@ class TextTokenizer(abc.ABC):
             )
 
 
+class WithSpecialTokens(TextTokenizer):
+    """A tokenizer and new tokens `names` with the ids from `first` on (the model's vocabulary size
+    before they were added), each id an attribute by its name (`tokenizer.start`). Text never
+    encodes to them: code that frames the text puts them in; they decode as "<|name|>"."""
+
+    def __init__(self, base: TextTokenizer, first: int, names: Sequence[str]):
+        self.base, self.first, self.names = base, first, tuple(names)
+        self.FILE_NAME = base.FILE_NAME
+        self.ids = {name: first + i for i, name in enumerate(self.names)}
+
+    def __getattr__(self, name: str) -> int:
+        ids = self.__dict__.get("ids", {})
+        if name not in ids:
+            raise AttributeError(name)
+        return ids[name]
+
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        pieces, run = [], []
+        for i in ids:
+            if i >= self.first:
+                pieces += [self.base.decode(run), f"<|{self.names[i - self.first]}|>"]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*pieces, self.base.decode(run)])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.first + len(self.names)
+
+    @property
+    def eos_id(self) -> int:
+        return self.base.eos_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.base.pad_id
+
+    def serialized(self) -> bytes:
+        return self.base.serialized()
+
+
 class Tokenizer(TextTokenizer):
     """Text <-> token ids with a sentencepiece model; `eos_id` separates documents."""
 

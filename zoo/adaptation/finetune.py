@@ -18,7 +18,7 @@ Input transforms (one sequence per row of C, all [start] ... [extract]):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -29,65 +29,32 @@ import optax
 
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.nn.transformer import dense_init, zeros_init
-from zoo.tokenizer import TextTokenizer
+from zoo.tokenizer import TextTokenizer, WithSpecialTokens
 
 KINDS = ("classification", "entailment", "similarity", "choice")
-SPECIAL_TOKENS = ("start", "delimiter", "extract")
-
-
-class WithSpecialTokens(TextTokenizer):
-    """A tokenizer and GPT-1's start, delimiter and extract tokens, the ids from `first` on (the
-    model's vocabulary size before they were added). Text never encodes to them: the input
-    transforms put them in."""
-
-    def __init__(self, base: TextTokenizer, first: int):
-        self.base, self.first = base, first
-        self.FILE_NAME = base.FILE_NAME
-        self.start, self.delimiter, self.extract = range(first, first + len(SPECIAL_TOKENS))
-
-    def encode(self, text: str) -> list[int]:
-        return self.base.encode(text)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        pieces, run = [], []
-        for i in ids:
-            if i >= self.first:
-                pieces += [self.base.decode(run), f"<|{SPECIAL_TOKENS[i - self.first]}|>"]
-                run = []
-            else:
-                run.append(i)
-        return "".join([*pieces, self.base.decode(run)])
-
-    @property
-    def vocab_size(self) -> int:
-        return self.first + len(SPECIAL_TOKENS)
-
-    @property
-    def eos_id(self) -> int:
-        return self.base.eos_id
-
-    @property
-    def pad_id(self) -> int:
-        return self.base.pad_id
-
-    def serialized(self) -> bytes:
-        return self.base.serialized()
+SPECIAL_TOKENS = ("start", "delimiter", "extract")  # GPT-1's input transforms
 
 
 def add_special_tokens(
-    cfg: GPTConfig, params: Any, tokenizer: TextTokenizer, rng: jax.Array, multiple_of: int = 1
+    cfg: GPTConfig,
+    params: Any,
+    tokenizer: TextTokenizer,
+    rng: jax.Array,
+    multiple_of: int = 1,
+    names: Sequence[str] = SPECIAL_TOKENS,
 ) -> tuple[GPTConfig, Any, WithSpecialTokens]:
-    """(config, params, tokenizer) with start, delimiter and extract after the model's vocabulary:
-    new embedding rows drawn from N(0, init_std), the old ones unchanged; the output layer is tied
-    to the embedding, so it gains the rows too. The vocabulary grows to a multiple of
-    `multiple_of` (e.g. a tensor axis that shards it); rows past the three are never used."""
+    """(config, params, tokenizer) with new tokens `names` (default GPT-1's start, delimiter and
+    extract) after the model's vocabulary: new embedding rows drawn from N(0, init_std), the old
+    ones unchanged; the output layer is tied to the embedding, so it gains the rows too. The
+    vocabulary grows to a multiple of `multiple_of` (e.g. a tensor axis that shards it); rows past
+    the new tokens are never used."""
     tokenizer.check_vocab(cfg.vocab_size)
     old = params["token_embed"]["embedding"]
-    size = -(-(cfg.vocab_size + len(SPECIAL_TOKENS)) // multiple_of) * multiple_of
+    size = -(-(cfg.vocab_size + len(names)) // multiple_of) * multiple_of
     rows = cfg.init_std * jax.random.normal(rng, (size - cfg.vocab_size, cfg.d_model), old.dtype)
     embedding = jnp.concatenate([old, rows])
     new_params = {**params, "token_embed": {**params["token_embed"], "embedding": embedding}}
-    return dataclasses.replace(cfg, vocab_size=size), new_params, WithSpecialTokens(tokenizer, cfg.vocab_size)
+    return dataclasses.replace(cfg, vocab_size=size), new_params, WithSpecialTokens(tokenizer, cfg.vocab_size, names)
 
 
 def encode(

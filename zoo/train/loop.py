@@ -58,7 +58,11 @@ class Task:
     MFU) and `items_per_row` the tokens or images in one row (for throughput). `init_params` builds
     params other than `model.init`'s (a model with a new head, base params beside adapters) and
     `start_params` puts weights in a new run's fresh params (pretrained ones: it may return host
-    arrays; the loop lays them out like the fresh ones)."""
+    arrays; the loop lays them out like the fresh ones). `train_step`, for a method other than one
+    gradient step of `loss_fn` per batch (PPO: a rollout, then epochs of minibatch updates), builds
+    from the optimizer the un-jitted `(state, batch, constants) -> (state, metrics)`; `constants`
+    are arrays every step reads and never changes (frozen models), already laid out on the mesh,
+    not checkpointed (the task rebuilds them)."""
 
     model: nn.Module
     loss_fn: Callable
@@ -71,6 +75,8 @@ class Task:
     item_name: str = "tokens"
     init_params: Callable[[jax.Array], Any] | None = None  # key -> params boxed with logical names (None: model.init)
     start_params: Callable[[Any], Any] | None = None  # fresh params -> the params a new run starts from
+    train_step: Callable[[optax.GradientTransformation], Callable] | None = None  # None: train_step_fn's
+    constants: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,10 +222,15 @@ def _run(
     """The steps from `start` to `loop.steps`, then the final checkpoint and evaluation."""
     lead = jax.process_index() == 0
     batch_sharding = sharding.batch_sharding(mesh)
+    if task.train_step is None:
+        gradient_step = train_step_fn(task.model, optimizer, task.loss_fn, loop.accumulation_steps)
+        step_fn = lambda state, batch, constants: gradient_step(state, batch)
+    else:
+        step_fn = task.train_step(optimizer)
     train_step = sharding.jit_sharded(
-        _guarded(train_step_fn(task.model, optimizer, task.loss_fn, loop.accumulation_steps)),
+        _guarded(step_fn),
         mesh,
-        in_shardings=(shardings, batch_sharding),
+        in_shardings=(shardings, batch_sharding, jax.tree.map(lambda x: x.sharding, task.constants)),
         out_shardings=(shardings, _replicated(mesh)),
         donate_argnums=(0,),
     )
@@ -260,7 +271,7 @@ def _run(
             ) as batches,
         ):
             for step in range(start, loop.steps):
-                state, metrics = train_step(state, next(batches))
+                state, metrics = train_step(state, next(batches), task.constants)
                 pending.append(metrics)  # fetched only when logged: no host sync per step
                 done = step + 1
                 if done % loop.log_every == 0 or done == loop.steps:
@@ -302,8 +313,8 @@ def _guarded(step_fn: Callable) -> Callable:
     """`step_fn` whose metrics also say whether apply_if_finite skipped the step ("skipped"), how
     many consecutive steps it skipped ("bad_streak") and how many in the whole run ("skipped_total")."""
 
-    def step(state: dict, batch: Any) -> tuple[dict, dict]:
-        state, metrics = step_fn(state, batch)
+    def step(state: dict, batch: Any, constants: Any) -> tuple[dict, dict]:
+        state, metrics = step_fn(state, batch, constants)
         guard = state["opt_state"]
         return state, {
             **metrics,
