@@ -54,9 +54,7 @@ def test_the_chat_loss_averages_over_the_assistant_tokens(chat_model):
     model = GPT(cfg)
     logits = np.asarray(model.apply({"params": params}, batch["tokens"][:, :-1]), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    terms = [
-        -logp[n, i - 1, batch["tokens"][n, i]] for n in range(2) for i in range(11) if batch["mask"][n, i] == 1
-    ]
+    terms = [-logp[n, i - 1, batch["tokens"][n, i]] for n in range(2) for i in range(11) if batch["mask"][n, i] == 1]
     assert float(chat.loss(model, params, batch)) == pytest.approx(np.mean(terms), rel=1e-5)
     long, cut = chat.encode([[("user", "abcdefghij"), ("assistant", "k")]], t, length=8)
     assert cut == 1 and long["tokens"][0, 0] == t.user  # the start is kept
@@ -73,7 +71,7 @@ def test_pairwise_loss_and_accuracy_by_hand():
 
 
 def test_the_reward_is_read_at_each_responses_last_token(chat_model):
-    cfg, gpt_params, _ = chat_model
+    cfg, *_ = chat_model
     batch = reward.encode([[5, 6], [7]], [[[1, 2], [3]], [[4, 4, 4], [2]]], [[1, 0], [0, 1]], length=5)
     np.testing.assert_array_equal(batch["tokens"][0], [[5, 6, 1, 2, 0], [5, 6, 3, 0, 0]])
     np.testing.assert_array_equal(batch["last"], [[3, 2], [3, 1]])
@@ -83,7 +81,9 @@ def test_the_reward_is_read_at_each_responses_last_token(chat_model):
     expected = per_position[np.arange(4), batch["last"].reshape(4)].reshape(2, 2)
     np.testing.assert_allclose(reward.scores_at(model, params, batch["tokens"], batch["last"]), expected)
     loss, accuracy = reward.loss(model, params, batch)
-    assert float(loss) == pytest.approx(float(reward.pairwise_loss(expected, batch["score"])[0]))
+    assert (float(loss), float(accuracy)) == pytest.approx(
+        tuple(map(float, reward.pairwise_loss(expected, batch["score"])))
+    )
     with pytest.raises(ValueError, match="same number K"):
         reward.encode([[5]], [[[1], [2]], [[3]]], [[0, 1], [1]], length=5)
 
