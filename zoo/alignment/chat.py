@@ -79,6 +79,21 @@ def encode(
     return {"tokens": tokens, "mask": mask}, cut
 
 
+def padded_prompts(
+    conversations: Sequence[Sequence[Message]], tokenizer: WithSpecialTokens, width: int
+) -> dict[str, np.ndarray]:
+    """{"prompt" int32 [N, width] right-padded, "length" int32 [N]}: the prompts asking for each
+    conversation's next assistant message (`prompt`), for rollouts compiled with their batch."""
+    rows = [prompt(messages, tokenizer) for messages in conversations]
+    longest = max(map(len, rows))
+    if longest > width:
+        raise ValueError(f"a prompt of {longest} tokens does not fit in {width}")
+    padded = np.full((len(rows), width), tokenizer.pad_id, np.int32)
+    for n, row in enumerate(rows):
+        padded[n, : len(row)] = row
+    return {"prompt": padded, "length": np.array([len(row) for row in rows], np.int32)}
+
+
 def loss(model: GPT, params: Any, batch: dict, **apply_kwargs: Any) -> jax.Array:
     """Supervised fine-tuning's loss: next-token cross-entropy averaged over the tokens whose mask
     is 1 (the assistant's), on rows of length + 1 tokens."""
