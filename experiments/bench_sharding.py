@@ -4,6 +4,8 @@
         [--batch 8] [--grad-accum 1] [--repeats 3] [--chip tpu-v5e] [--json PATH] [--plot PATH]
     JAX_PLATFORMS=cpu python experiments/bench_sharding.py --topology v5p:8x8x8 --preset gpt3-175b \
         --layouts fsdp fsdp_tp --batch 512 --set remat=full
+    python experiments/bench_sharding.py --method ppo --preset gpt2-small --set num_layers=2 --batch 8 \
+        [--prompt-tokens 32] [--response-tokens 32] [--topology v5e:4x4]
 
 Each row compiles the step (GPT-3's AdamW, as the experiments train) on a mesh of every available
 device, then times it: one warm-up step, then the median of --repeats steps on random inputs.
@@ -23,6 +25,12 @@ that step time at peak is the MFU it allows.
 chips of a TPU topology such as v5e:2x2, v4:4x4x4 or v5p:8x8x8 without a TPU and runs nothing:
 per-chip memory against the chip's HBM (fits), the step's cost and collectives, and the roofline
 on the chip the topology names.
+
+--method ppo compiles one InstructGPT PPO-ptx iteration of a GPT preset instead (zoo.bench's
+compile_ppo_step: rollout, scoring, minibatch updates), locally or for --topology, and runs
+nothing: per-device memory, split into the trained state (policy and value model with their AdamW
+moments) and the frozen models (SFT reference and reward model), beside XLA's arguments, temps
+and peak.
 """
 
 from __future__ import annotations
@@ -87,11 +95,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME",
         help="compile ahead of time for this TPU topology's chips (e.g. v5p:8x8x8) instead of running",
     )
+    parser.add_argument(
+        "--method",
+        choices=("pretrain", "ppo"),
+        default="pretrain",
+        help="the step: a pretraining train step, or a PPO iteration's memory (GPT presets; compiled, not run)",
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="with --method ppo: tokens of each prompt")
+    parser.add_argument(
+        "--response-tokens", type=int, default=32, help="with --method ppo: tokens of each sampled response"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--plot", metavar="PATH", help="also draw step time and per-device memory as a PNG")
     args = parser.parse_args(argv)
     if args.topology and (args.chip or args.plot):
         parser.error("--topology names its chip and times nothing: drop --chip and --plot")
+    if args.method == "ppo":
+        if args.preset not in configs.GPT_PRESETS:
+            parser.error(f"--method ppo trains a GPT policy; {args.preset!r} is not a GPT preset")
+        if args.chip or args.plot or args.grad_accum != 1:
+            parser.error("--method ppo times nothing and accumulates nothing: drop --chip, --plot and --grad-accum")
     return args
 
 
@@ -136,13 +159,17 @@ def measure(
     topology: str | None,
     with_cost: bool,
     accumulation_steps: int = 1,
+    ppo_tokens: tuple[int, int] | None = None,
 ) -> dict:
-    """One layout's row (compiled for `topology`'s chips when given, else run here), or a note of why it was skipped."""
+    """One layout's row (compiled for `topology`'s chips when given, else run here; given `ppo_tokens`,
+    (prompt, response) tokens, a PPO iteration compiled only), or a note of why it was skipped."""
     reason = misfit(cfg, layout, batch, bench.topology_devices(topology) if topology else None, accumulation_steps)
     if reason:
         return {"layout": layout, "skipped": reason}
-    print(f"{'compiling' if topology else 'measuring'} {layout}", file=sys.stderr, flush=True)
+    print(f"{'compiling' if topology or ppo_tokens else 'measuring'} {layout}", file=sys.stderr, flush=True)
     try:
+        if ppo_tokens:
+            return bench.ppo_layout(cfg, layout, batch, topology, *ppo_tokens)
         if topology:
             return bench.aot_layout(cfg, layout, batch, topology, accumulation_steps)
         return bench.measure_layout(cfg, layout, batch, repeats, with_cost, accumulation_steps)
@@ -268,6 +295,39 @@ def aot_table(rows: list[dict]) -> str:
     return markdown_table(header, cells)
 
 
+def ppo_table(rows: list[dict]) -> str:
+    """PPO rows as a markdown table: where each device's memory goes (the trained state, the frozen
+    models) beside XLA's arguments, temps and peak, and with a topology whether the peak fits HBM."""
+    header = [
+        "layout",
+        "mesh (data, fsdp, tensor)",
+        "compile (s)",
+        "trained: policy + value + AdamW (MiB)",
+        "frozen: reference + reward (MiB)",
+        "args (MiB)",
+        "temps (MiB)",
+        "peak (MiB)",
+    ]
+    cells = [
+        [
+            row["layout"],
+            ", ".join(map(str, row["mesh"].values())),
+            fmt(row["compile_s"], 1),
+            fmt(mib(row["state_bytes"])),
+            fmt(mib(row["constants_bytes"])),
+            fmt(mib(row["memory"]["argument_bytes"])),
+            fmt(mib(row["memory"]["temp_bytes"])),
+            fmt(mib(row["peak_bytes"])),
+        ]
+        for row in rows
+    ]
+    if "chip" in rows[0]:
+        header.append(f"fits {rows[0]['chip']} {gib(rows[0]['hbm_bytes']):.0f} GiB")
+        for cell, row in zip(cells, rows):
+            cell.append({True: "yes", False: "NO", None: "n/a"}[row["fits"]])
+    return markdown_table(header, cells)
+
+
 def plot(rows: list[dict], path: str) -> None:
     """Bar charts of step time and per-device memory per layout: arguments, temps, and the outputs
     beyond those that reuse donated arguments' buffers."""
@@ -304,7 +364,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = model_config(args.preset, args.set)
     item_name = "tokens" if isinstance(cfg, GPTConfig) else "images"
-    config = {"preset": args.preset, "overrides": args.set, "batch": args.batch, "grad_accum": args.grad_accum}
+    ppo_tokens = (args.prompt_tokens, args.response_tokens) if args.method == "ppo" else None
+    config = {"preset": args.preset, "overrides": args.set, "batch": args.batch}
+    if ppo_tokens:
+        config |= {"method": "ppo", "prompt_tokens": args.prompt_tokens, "response_tokens": args.response_tokens}
+    else:
+        config |= {"grad_accum": args.grad_accum}
     if args.topology:
         config |= {
             "topology": args.topology,
@@ -312,21 +377,25 @@ def main(argv: list[str] | None = None) -> None:
             "devices": len(bench.topology_devices(args.topology)),
         }
     else:
+        config |= {} if ppo_tokens else {"repeats": args.repeats}
         config |= {
-            "repeats": args.repeats,
             "backend": jax.default_backend(),
             "device": jax.devices()[0].device_kind,
             "devices": jax.device_count(),
         }
     print(settings(config), end="\n\n", flush=True)
     results = [
-        measure(cfg, layout, args.batch, args.repeats, args.topology, args.chip is not None, args.grad_accum)
+        measure(
+            cfg, layout, args.batch, args.repeats, args.topology, args.chip is not None, args.grad_accum, ppo_tokens
+        )
         for layout in args.layouts
     ]
     rows = [row for row in results if "skipped" not in row]
     for row in rows if args.chip else []:
         row["predicted"] = bench.predict(row, args.chip)
-    if rows:
+    if rows and ppo_tokens:
+        print(ppo_table(rows))
+    elif rows:
         print(aot_table(rows) if args.topology else table(rows, item_name, args.chip))
     for row in results:
         if "skipped" in row:

@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rm-prompts", type=int, default=600, help="prompts whose replies the RM ranks (default 600)")
     p.add_argument("--k", type=int, default=4, help="replies ranked per prompt (default 4)")
     p.add_argument("--ppo", nargs="*", default=list(PPO_RUNS), choices=PPO_RUNS, help="PPO runs (default all)")
-    p.add_argument("--kl-coef", type=float, default=0.05, help="β, the KL penalty per token (default 0.05)")
+    p.add_argument("--kl-coef", type=float, default=0.2, help="β, the KL penalty per token (default 0.2)")
     p.add_argument("--ptx-coef", type=float, default=1.0, help="γ of ppo_ptx's pretraining loss (default 1)")
     p.add_argument("--response-tokens", type=int, default=24, help="the longest reply (default 24)")
     p.add_argument("--ppo-lr", type=float, default=1e-4, help="PPO's learning rate (default 1e-4)")
@@ -122,35 +122,104 @@ def stage(
     return train(task, recipes.optimizer(recipe), mesh, workdir, loop, config)
 
 
-def replies(run: Run, items: list, samples: int, key: jax.Array, max_new: int) -> tuple[list, list, np.ndarray]:
-    """(prompts' tokens, `samples` sampled replies per prompt with their end tokens, their true scores [N, K])."""
+def replies(
+    run: Run, params: Any, items: list, samples: int, key: jax.Array, max_new: int
+) -> tuple[list, list, np.ndarray]:
+    """(prompts' tokens, `samples` replies per prompt sampled at temperature 1 with their end tokens,
+    their true scores [N, K])."""
     prompts = [chat.prompt([("user", item.text)], run.tokenizer) for item in items]
     end = run.tokenizer.end
-    new = np.asarray(
-        zoo.generate(
-            run.model, run.params, prompts, max_new, temperature=1.0, stop_tokens=(end,), rng=key, samples=samples
-        )
-    ).tolist()
-    cut = [row[: row.index(end) + 1] if end in row else row for row in new]
-    scores = [
-        instructions.score(items[i // samples], chat.response_text(row, run.tokenizer)) for i, row in enumerate(cut)
-    ]
+    new = zoo.generate(
+        run.model, params, prompts, max_new, temperature=1.0, stop_tokens=(end,), rng=key, samples=samples
+    )
+    cut = [row[: row.index(end) + 1] if end in row else row for row in np.asarray(new).tolist()]
+    texts = [chat.response_text(row, run.tokenizer) for row in cut]
+    scores = [instructions.score(items[i // samples], text) for i, text in enumerate(texts)]
     return prompts, [cut[i : i + samples] for i in range(0, len(cut), samples)], np.reshape(scores, (-1, samples))
 
 
-def true_scores(run: Run, params: Any, items: list, max_new: int) -> dict[str, float]:
-    """The mean true score of greedy replies to `items`, per kind and in all."""
-    texts = chat.reply(run.model, params, run.tokenizer, [[("user", item.text)] for item in items], max_new)
-    scores = [instructions.score(item, text) for item, text in zip(items, texts)]
-    by_kind = {
-        kind: float(np.mean([s for s, i in zip(scores, items) if i.kind == kind])) for kind in instructions.KINDS
+def true_scores(run: Run, params: Any, items: list, max_new: int, key: jax.Array) -> dict[str, dict[str, float]]:
+    """The mean true score of replies to `items`, per kind and in all: greedy, and sampled at
+    temperature 1 (4 per prompt) as the PPO rollouts are."""
+    greedy = chat.reply(run.model, params, run.tokenizer, [[("user", item.text)] for item in items], max_new)
+    found = {
+        "greedy": np.array([instructions.score(item, text) for item, text in zip(items, greedy)]),
+        "sampled": replies(run, params, items, 4, key, max_new)[2].mean(axis=1),
     }
-    return {**by_kind, "all": float(np.mean(scores))}
+    kinds = np.array([item.kind for item in items])
+    return {
+        way: {**{kind: float(scores[kinds == kind].mean()) for kind in instructions.KINDS}, "all": float(scores.mean())}
+        for way, scores in found.items()
+    }
 
 
 def held_out_loss(model: zoo.GPT, params: Any, rows: np.ndarray) -> float:
     """The next-token loss of `params` on held-out pretraining rows."""
     return float(jax.jit(next_token_loss, static_argnums=0)(model, params, rows))
+
+
+def reward_stage(args: argparse.Namespace, mesh: jax.sharding.Mesh, sft: Run, train_set: list, test_set: list) -> tuple:
+    """The RM stage: K replies sampled from the SFT model per prompt, ranked by their true scores;
+    the model starts from the SFT weights. Returns its params and held-out pairwise accuracy."""
+    key, length = jax.random.key(args.seed), PROMPT_TOKENS + args.response_tokens
+    train_cmp = reward.encode(
+        *replies(sft, sft.params, train_set[: args.rm_prompts], args.k, key, args.response_tokens), length
+    )
+    test_cmp = reward.encode(*replies(sft, sft.params, test_set, args.k, key, args.response_tokens), length)
+    model = reward.RewardModel(sft.model.cfg)
+    task = tasks.reward_model(model, train_cmp, test_cmp, args.batch // args.k or 1, args.seed)
+    task = dataclasses.replace(task, start_params=lambda fresh: {**fresh, "gpt": sft.params})
+    recipe = recipes.Recipe(3e-4, args.rm_steps // 10, args.rm_steps, 0.1, 0.0, (0.9, 0.95))
+    config = stage_config(model.cfg, recipe, sft.tokenizer, args)
+    params = stage(args, mesh, "rm", task, recipe, sft.tokenizer, args.rm_steps, config)["state"]["params"]
+    _, accuracy = jax.jit(reward.loss, static_argnums=0)(model, params, test_cmp)
+    truth = test_cmp["score"]
+    pairs = int(np.sum(truth[:, :, None] > truth[:, None, :]))
+    print(f"reward model: pairwise accuracy {float(accuracy):.3f} on {pairs} held-out comparisons")
+    return params, {"held_out_pair_accuracy": float(accuracy), "held_out_pairs": pairs}
+
+
+def ppo_stage(
+    args: argparse.Namespace,
+    mesh: jax.sharding.Mesh,
+    name: str,
+    sft: Run,
+    rm: Any,
+    train_set: list,
+    pretraining: np.ndarray,
+    held_out: np.ndarray,
+) -> Any:
+    """One PPO run (`name` in PPO_RUNS) from the SFT policy; returns the trained policy's params."""
+    config = ppo.PPOConfig(
+        kl_coef=args.kl_coef,
+        ptx_coef=args.ptx_coef if name == "ppo_ptx" else 0.0,
+        response_tokens=args.response_tokens,
+        reward="rule" if name == "ppo_rule" else "model",
+    )
+    prompts = chat.padded_prompts([[("user", item.text)] for item in train_set], sft.tokenizer, PROMPT_TOKENS)
+    prompts["instruction"] = np.arange(len(train_set), dtype=np.int32)
+
+    def true_score(index: np.ndarray, response: np.ndarray) -> np.ndarray:
+        texts = [chat.response_text(row, sft.tokenizer) for row in np.asarray(response).tolist()]
+        return np.array([instructions.score(train_set[i], t) for i, t in zip(np.asarray(index), texts)], np.float32)
+
+    def start(
+        fresh: dict,
+    ) -> dict:  # the value model starts as the RM (InstructGPT), or as the SFT trunk and a new head
+        return {"policy": sft.params, "value": rm or {**fresh["value"], "gpt": sft.params}}
+
+    constants = {"reference": sft.params, **({"reward": rm} if config.reward == "model" else {})}
+    task = tasks.proximal_policy(
+        sft.model, config, prompts, pretraining, held_out, args.batch, args.seed, constants, start, sft.tokenizer.end,
+        true_score,
+    )  # fmt: skip
+    base = recipes.Recipe(args.ppo_lr, args.steps // 10, args.steps, 1.0, 0.0, (0.9, 0.95))
+    recipe = experiment.recipe_from_flags(args, base)
+    cfg = stage_config(sft.model.cfg, recipe, sft.tokenizer, args, ppo=dataclasses.asdict(config))
+    cfg["params_key"] = "policy"  # zoo.load (and chat.py) read the policy alone
+    every = max(args.steps // 6, 1)
+    summary = stage(args, mesh, name, task, recipe, sft.tokenizer, args.steps, cfg, eval_every=every)
+    return summary["state"]["params"]["policy"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,101 +231,40 @@ def main(argv: list[str] | None = None) -> None:
     test_set = instructions.instructions(args.test_prompts, args.seed, "test")
     fine_tune(args, mesh, base, train_set, test_set)
     sft = zoo.load(epath.Path(args.workdir) / "sft", mesh)
-    held_out = packed_rows(sft.tokenizer, [works()[name] for name in VALIDATION_PLAYS], sft.model.cfg.context_length)
-    pretraining = packed_rows(
-        sft.tokenizer,
-        [text for name, text in sorted(works().items()) if name not in VALIDATION_PLAYS],
-        sft.model.cfg.context_length,
-    )
-    results = {"sft": {"true_score": true_scores(sft, sft.params, test_set, args.response_tokens)}}
-    results["sft"]["held_out_loss"] = held_out_loss(sft.model, sft.params, held_out[: 8 * args.batch])
+    length = sft.model.cfg.context_length
+    held_out = packed_rows(sft.tokenizer, [works()[name] for name in VALIDATION_PLAYS], length)[: 8 * args.batch]
+    training_works = [text for name, text in sorted(works().items()) if name not in VALIDATION_PLAYS]
+    pretraining = packed_rows(sft.tokenizer, training_works, length)
 
+    def evaluated(model: zoo.GPT, params: Any, chats: bool = True) -> dict:
+        found = {"held_out_loss": held_out_loss(model, params, held_out)}
+        return found | (
+            {"true_score": true_scores(sft, params, test_set, args.response_tokens, jax.random.key(args.seed + 1))}
+            if chats
+            else {}
+        )
+
+    results = {"pretrained": evaluated(base.model, base.params, chats=False), "sft": evaluated(sft.model, sft.params)}
     rm = None
-    if any(name != "ppo_rule" for name in args.ppo):
-        key = jax.random.key(args.seed)
-        rm_prompts, rm_replies, rm_scores = replies(
-            sft, train_set[: args.rm_prompts], args.k, key, args.response_tokens
-        )
-        test_prompts, test_replies, test_scores = replies(sft, test_set, args.k, key, args.response_tokens)
-        length = PROMPT_TOKENS + args.response_tokens
-        train_cmp = reward.encode(rm_prompts, rm_replies, rm_scores, length)
-        test_cmp = reward.encode(test_prompts, test_replies, test_scores, length)
-        model = reward.RewardModel(sft.model.cfg)
-        task = tasks.reward_model(model, train_cmp, test_cmp, args.batch // args.k or 1, args.seed)
-        task = dataclasses.replace(task, start_params=lambda fresh: {**fresh, "gpt": sft.params})
-        recipe = recipes.Recipe(3e-4, args.rm_steps // 10, args.rm_steps, 0.1, 0.0, (0.9, 0.95))
-        summary = stage(
-            args,
-            mesh,
-            "rm",
-            task,
-            recipe,
-            sft.tokenizer,
-            args.rm_steps,
-            stage_config(model.cfg, recipe, sft.tokenizer, args),
-        )
-        rm = summary["state"]["params"]
-        _, accuracy = jax.jit(reward.loss, static_argnums=0)(model, rm, test_cmp)
-        pairs = int(np.sum(test_scores[:, :, None] > test_scores[:, None, :]))
-        results["rm"] = {"held_out_pair_accuracy": float(accuracy), "held_out_pairs": pairs}
-        print(f"reward model: pairwise accuracy {float(accuracy):.3f} on {pairs} held-out comparisons")
-
-    prompts = chat.padded_prompts([[("user", item.text)] for item in train_set], sft.tokenizer, PROMPT_TOKENS)
-    prompts["instruction"] = np.arange(len(train_set), dtype=np.int32)
-
-    def true_score(index: np.ndarray, response: np.ndarray) -> np.ndarray:
-        texts = [chat.response_text(row, sft.tokenizer) for row in np.asarray(response).tolist()]
-        return np.array([instructions.score(train_set[i], t) for i, t in zip(np.asarray(index), texts)], np.float32)
-
+    if set(args.ppo) - {"ppo_rule"}:
+        rm, results["rm"] = reward_stage(args, mesh, sft, train_set, test_set)
     for name in args.ppo:
-        config = ppo.PPOConfig(
-            kl_coef=args.kl_coef,
-            ptx_coef=args.ptx_coef if name == "ppo_ptx" else 0.0,
-            response_tokens=args.response_tokens,
-            reward="rule" if name == "ppo_rule" else "model",
-        )
-        constants = {"reference": sft.params, **({"reward": rm} if config.reward == "model" else {})}
-        # the value model starts as the reward model (InstructGPT), or without one as the SFT trunk and a new head
-        start = lambda fresh: {"policy": sft.params, "value": rm or {**fresh["value"], "gpt": sft.params}}
-        task = tasks.proximal_policy(
-            sft.model,
-            config,
-            prompts,
-            pretraining,
-            held_out,
-            args.batch,
-            args.seed,
-            constants,
-            start,
-            sft.tokenizer.end,
-            true_score,
-        )
-        recipe = experiment.recipe_from_flags(
-            args, recipes.Recipe(args.ppo_lr, args.steps // 10, args.steps, 1.0, 0.0, (0.9, 0.95))
-        )
-        cfg = stage_config(sft.model.cfg, recipe, sft.tokenizer, args, ppo=dataclasses.asdict(config))
-        summary = stage(
-            args, mesh, name, task, recipe, sft.tokenizer, args.steps, cfg, eval_every=max(args.steps // 6, 1)
-        )
-        policy = summary["state"]["params"]["policy"]
-        results[name] = {
-            "true_score": true_scores(sft, policy, test_set, args.response_tokens),
-            "held_out_loss": held_out_loss(sft.model, policy, held_out[: 8 * args.batch]),
-        }
+        results[name] = evaluated(sft.model, ppo_stage(args, mesh, name, sft, rm, train_set, pretraining, held_out))
     report(args, results)
 
 
 def report(args: argparse.Namespace, results: dict) -> None:
-    """The table of true scores and held-out losses, and ppo.png from the PPO runs' metrics."""
+    """The tables of true scores and held-out losses, and ppo.png from the PPO runs' metrics."""
     kinds = [*instructions.KINDS, "all"]
-    header = ["model", *(f"true score: {k}" for k in kinds), "held-out LM loss"]
-    rows = [
-        [name, *(fmt(r["true_score"][k], 3) for k in kinds), fmt(r["held_out_loss"], 3)]
-        for name, r in results.items()
-        if "true_score" in r
-    ]
-    print(f"\n## Greedy replies to {args.test_prompts} held-out instructions\n")
-    print(markdown_table(header, rows, left=1))
+    for way in ("greedy", "sampled"):
+        rows = [
+            [name, *(fmt(r["true_score"][way][k], 3) for k in kinds), fmt(r["held_out_loss"], 3)]
+            for name, r in results.items()
+            if "true_score" in r
+        ]
+        print(f"\n## True scores of {way} replies to {args.test_prompts} held-out instructions\n")
+        print(markdown_table(["model", *kinds, "held-out LM loss"], rows, left=1))
+    print(f"\npretrained model: held-out LM loss {results['pretrained']['held_out_loss']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     plot(epath.Path(args.workdir), args.ppo)
@@ -284,7 +292,7 @@ def plot(workdir: epath.Path, runs: list[str]) -> None:
                 ax.plot(*zip(*points), marker=".", label=name)
             ax.set_title(title)
             ax.set_xlabel("PPO iteration")
-    axes[0].legend()
+    axes[1].legend()  # every run has a true score
     fig.tight_layout()
     fig.savefig(workdir / "ppo.png", dpi=100)
     print(f"plot: {workdir / 'ppo.png'}")

@@ -19,13 +19,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = "--set num_layers=2 --set d_model=32 --set num_heads=2 --set d_ff=64".split()
 
 
-def run(script: str, *args: str) -> str:
+def run(script: str, *args: str, devices: int = 1) -> str:
     result = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env=cpu_environment(devices=1),
+        env=cpu_environment(devices),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -55,6 +55,17 @@ FLAGS_USERS_NEED = {
     "bench_tokenizers.py": ("--chinese", "--vocab-sizes", "--train-steps", "--train-vocab-size", "--json"),
     "bench_data.py": ("--scales", "--workers", "--batches", "--json"),
     "bench_input.py": ("--experiments", "--steps", "--prefetch", "--synthetic", "--json"),
+    "instructgpt.py": (
+        *TRAINING,
+        "--init-from",
+        "--sft-steps",
+        "--rm-steps",
+        "--k",
+        "--ppo",
+        "--kl-coef",
+        "--ptx-coef",
+    ),
+    "chat.py": ("--workdir", "--message", "--system", "--temperature"),
     "bench_sharding.py": ("--preset", "--layouts", "--batch", "--chip", "--topology", "--json"),
     "bench_vs_pytorch.py": ("--batch", "--steps", "--set", "--torch-compile", "--json", 'pip install -e ".[interop]"'),
 }
@@ -132,6 +143,19 @@ def test_default_experiment_trains_evaluates_samples_and_fine_tunes(tmp_path):
     assert row["setting"] == "lora:2" and "| same_play | lora:2 " in out and 0 <= row["accuracy"] <= 1
     assert 0 < row["trainable"] < zoo.lora.count(run_.params) / 20  # the adapters and the head
     assert (tmp_path / "ft" / "same_play" / "lora_2" / "adapters").is_dir()  # saved alone
+    # InstructGPT's stages start from the run, sharded over data, fsdp and tensor; chat.py talks to the policy
+    out = run(
+        "instructgpt.py", "--init-from", str(tmp_path / "run"), "--workdir", str(tmp_path / "rl"),
+        "--mesh", "data=2,fsdp=2,tensor=2", "--prompts", "32", "--test-prompts", "8", "--rm-prompts", "8", "--k", "2",
+        "--sft-steps", "2", "--rm-steps", "2", "--steps", "2", "--batch", "8", "--response-tokens", "6",
+        "--ppo", "ppo_ptx", "--json", str(tmp_path / "rl.json"), devices=8,
+    )  # fmt: skip
+    results = json.loads((tmp_path / "rl.json").read_text())
+    assert set(results) == {"pretrained", "sft", "rm", "ppo_ptx"} and 0 <= results["rm"]["held_out_pair_accuracy"] <= 1
+    assert 0 <= results["ppo_ptx"]["true_score"]["all"] <= 1 and (tmp_path / "rl" / "ppo.png").exists()
+    assert "| ppo_ptx " in out and "pairwise accuracy" in out
+    reply = run("chat.py", "--workdir", str(tmp_path / "rl" / "ppo_ptx"), "--message", "What is 2 + 3?")
+    assert reply.endswith("\n") and "Traceback" not in reply
 
 
 def test_gpt3_trains_any_preset_scaled_down_on_a_store_prepared_ahead(tmp_path, capfd):

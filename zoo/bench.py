@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from zoo import sharding
+from zoo import sharding, tasks
+from zoo.alignment import ppo
 from zoo.models.gpt import GPT, GPTConfig
 from zoo.models.vit import ViT, ViTConfig
 from zoo.train.loop import Task, initial_state, skipping_non_finite, state_shardings
@@ -307,6 +308,27 @@ class CompiledStep:
     optimizer: optax.GradientTransformation
     shardings: Any
     init_params: Callable[[jax.Array], Any]
+    inputs: tuple = ()  # the abstract arguments it was compiled for: state, batch (and constants)
+
+
+def with_sharding(tree: Any, placement: jax.sharding.Sharding) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves, every one laid out by `placement` (a batch's rows)."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement), tree)
+
+
+def _compile(step_fn: Callable, mesh: Mesh, shardings: Any, *inputs: Any) -> tuple[jax.stages.Compiled, float]:
+    """`step_fn(state, batch, ...) -> (state, metrics)` compiled for abstract `inputs` in their shardings,
+    the state donated and returned in `shardings`, the metrics replicated; and the seconds it took."""
+    step = jax.jit(
+        step_fn,
+        in_shardings=jax.tree.map(lambda x: x.sharding, inputs),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+    start = time.perf_counter()
+    with sharding.sharding_context(mesh):
+        compiled = step.lower(*inputs).compile()
+    return compiled, time.perf_counter() - start
 
 
 def compile_train_step(
@@ -326,19 +348,102 @@ def compile_train_step(
     task = workload(cfg, batch)
     optimizer = optimizer or default_optimizer()
     abstract, shardings, init_params = state_shardings(task, optimizer, mesh, jax.random.key(0))
-    batch_sharding = sharding.batch_sharding(mesh)
-    abstract_batch = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding), batch_spec(cfg, batch)
-    )
-    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_batch = with_sharding(batch_spec(cfg, batch), sharding.batch_sharding(mesh))
     step_fn = train_step_fn(task.model, optimizer, task.loss_fn, accumulation_steps, unroll_accumulation)
-    step = jax.jit(
-        step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0
+    compiled, seconds = _compile(step_fn, mesh, shardings, abstract, abstract_batch)
+    return CompiledStep(
+        compiled, seconds, mesh, task, optimizer, shardings, init_params, inputs=(abstract, abstract_batch)
     )
-    start = time.perf_counter()
-    with sharding.sharding_context(mesh):
-        compiled = step.lower(abstract, abstract_batch).compile()
-    return CompiledStep(compiled, time.perf_counter() - start, mesh, task, optimizer, shardings, init_params)
+
+
+def compile_ppo_step(
+    cfg: GPTConfig,
+    layout: str,
+    batch: int,
+    devices: Sequence[Any] | None = None,
+    prompt_tokens: int = 32,
+    response_tokens: int = 32,
+) -> CompiledStep:
+    """Lower and compile one InstructGPT PPO-ptx iteration (`ppo.train_step`: a rollout of
+    `response_tokens`, scoring, two epochs of two minibatch updates) of a `batch` of prompts on the
+    mesh of `layout`, from abstract inputs only, as `compile_train_step` does. The trained policy
+    and value model are the state; the frozen SFT reference and reward model, laid out by the same
+    rules as the trained models of their shapes, are the constants."""
+    mesh = sharding.mesh_for(layout, devices)
+    optimizer = default_optimizer()
+    prompts = {  # placeholders: only their shapes and dtypes matter
+        "prompt": np.zeros((batch, prompt_tokens), np.int32),
+        "length": np.full(batch, prompt_tokens, np.int32),
+        "instruction": np.zeros(batch, np.int32),
+    }
+    pretraining = np.zeros((batch, cfg.context_length + 1), np.int32)
+    config = ppo.PPOConfig(response_tokens=response_tokens, reward="model", ptx_coef=1.0)
+    task = tasks.proximal_policy(
+        GPT(cfg),
+        config,
+        prompts,
+        pretraining,
+        held_out=pretraining,
+        global_batch=batch,
+        seed=0,
+        constants=None,  # laid out below, from the state's shapes
+        start_params=None,
+        stop_token=cfg.vocab_size - 1,
+        eval_batches=0,
+    )
+    abstract, shardings, init_params = state_shardings(task, optimizer, mesh, jax.random.key(0))
+    constants = {"reference": abstract["params"]["policy"], "reward": abstract["params"]["value"]}
+    task = dataclasses.replace(task, constants=constants)
+    abstract_batch = with_sharding({**prompts, "ptx": pretraining}, sharding.batch_sharding(mesh))
+    compiled, seconds = _compile(task.train_step(optimizer), mesh, shardings, abstract, abstract_batch, constants)
+    return CompiledStep(
+        compiled, seconds, mesh, task, optimizer, shardings, init_params, inputs=(abstract, abstract_batch, constants)
+    )
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes of a tree of abstract arrays with shardings that one device holds: each leaf's shard."""
+    return sum(
+        math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree.leaves(tree)
+    )
+
+
+def ppo_layout(
+    cfg: GPTConfig,
+    layout: str,
+    batch: int,
+    topology: str | None = None,
+    prompt_tokens: int = 32,
+    response_tokens: int = 32,
+) -> dict[str, Any]:
+    """Compile a PPO iteration of `cfg` under `layout` on the local devices or, given a `topology`,
+    its abstract TPU chips, running nothing: XLA's per-device memory, and where it goes: the bytes
+    each device holds of the trained state (policy and value model, their AdamW moments) and of the
+    frozen models (reference and reward model); for a topology, whether the peak fits the chip's HBM."""
+    devices = topology_devices(topology) if topology else None
+    step = compile_ppo_step(cfg, layout, batch, devices, prompt_tokens, response_tokens)
+    state, _, constants = step.inputs
+    mem = memory(step.compiled)
+    row = {
+        "layout": layout,
+        "mesh": dict(step.mesh.shape),
+        "compile_s": step.compile_s,
+        "memory": mem,
+        "peak_bytes": peak_memory(mem),
+        "state_bytes": device_bytes(state),
+        "constants_bytes": device_bytes(constants),
+    }
+    if topology:
+        chip = topology_chip(topology)
+        hbm = CHIPS[chip].hbm_bytes
+        row |= {
+            "topology": topology,
+            "chip": chip,
+            "hbm_bytes": hbm,
+            "fits": None if row["peak_bytes"] is None else row["peak_bytes"] <= hbm,
+        }
+    return row
 
 
 def step_cost(

@@ -177,8 +177,11 @@ def _generate(
         if stream is not None:
             io_callback(stream, None, token, ordered=True)
         sequence = sequence.at[rows, position].set(token)
-        fits = jnp.all(done | (position < cfg.context_length))
-        logits, caches = jax.lax.cond(fits, cached, recomputed, token, position, caches, sequence)
+        if bucket + max_new <= cfg.context_length:  # no row passes the context: no recomputation compiled
+            logits, caches = cached(token, position, caches, sequence)
+        else:
+            fits = jnp.all(done | (position < cfg.context_length))
+            logits, caches = jax.lax.cond(fits, cached, recomputed, token, position, caches, sequence)
         return i + 1, logits, caches, sequence, position + 1, out, done, fill
 
     def going(state: tuple) -> jax.Array:

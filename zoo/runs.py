@@ -43,7 +43,8 @@ def load(workdir: str | os.PathLike, mesh: Mesh | None = None) -> Run:
     """The language-model run in `workdir` (local or gs://) at its newest checkpoint, its params laid
     out on `mesh` (default: every device, replicated over a data axis) by the logical rules, whatever
     layout it was saved under. A config with "special_tokens" ({"first", "names"}) gives a tokenizer
-    that knows them."""
+    that knows them; one with "params_key" holds the model's params under that key of its params
+    (a PPO run's "policy", beside its value model)."""
     workdir = epath.Path(workdir)
     if not (workdir / "config.json").exists():
         raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
@@ -52,7 +53,7 @@ def load(workdir: str | os.PathLike, mesh: Mesh | None = None) -> Run:
     if set(fields) != {field.name for field in dataclasses.fields(GPTConfig)}:
         raise ValueError(f"{workdir} is not a language-model run (its model config is not a GPTConfig)")
     model = GPT(GPTConfig(**fields))
-    params, step = _restore_params(workdir, model, jnp.zeros((1, 8), jnp.int32), mesh)
+    params, step = _restore_params(workdir, model, jnp.zeros((1, 8), jnp.int32), mesh, config.get("params_key"))
     tokenizer = tokenizer_in(workdir)
     if "special_tokens" in config:  # e.g. a chat model's role tokens, after the tokenizer's own
         tokenizer = WithSpecialTokens(tokenizer, **config["special_tokens"])
@@ -74,8 +75,10 @@ def load_vit(workdir: str | os.PathLike, mesh: Mesh | None = None) -> tuple[ViT,
     return model, params, step
 
 
-def _restore_params(workdir: epath.Path, model: nn.Module, example: jax.Array, mesh: Mesh | None) -> tuple[Any, int]:
-    """The params (no optimizer state read) at the newest checkpoint, and its step."""
+def _restore_params(
+    workdir: epath.Path, model: nn.Module, example: jax.Array, mesh: Mesh | None, key: str | None = None
+) -> tuple[Any, int]:
+    """The params (no optimizer state read; with `key`, only params[key]) at the newest checkpoint, and its step."""
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"])
     shardings = sharding.logical_shardings(boxed, mesh or sharding.mesh_for("data=-1"))
     abstract = jax.tree.map(
@@ -85,11 +88,12 @@ def _restore_params(workdir: epath.Path, model: nn.Module, example: jax.Array, m
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-        item = {"params": abstract}
+        item = {"params": abstract if key is None else {key: abstract}}
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         state = ocp.args.PyTreeRestore(item, restore_args, partial_restore=True)  # the params only
         restored = manager.restore(step, args=ocp.args.Composite(state=state))
-    return restored.state["params"], int(step)
+    params = restored.state["params"]
+    return (params if key is None else params[key]), int(step)
 
 
 def load_transformers(folder: str | os.PathLike, mesh: Mesh | None = None) -> Run:
