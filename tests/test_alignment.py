@@ -153,6 +153,26 @@ def test_responses_are_placed_after_each_prompt_and_masked_after_their_end():
     np.testing.assert_array_equal(ppo.response_mask(response, 9), [[1, 1, 0], [1, 1, 1]])
 
 
+def test_fine_tuning_and_the_reward_model_train_on_a_sharded_mesh(chat_model, tmp_path):
+    cfg, _, t = chat_model
+    mesh = sharding.mesh_for("data=2,fsdp=2,tensor=2")
+    conversations = [[("user", "ab" * (n % 3 + 1)), ("assistant", "cd"[: n % 2 + 1])] for n in range(8)]
+    batch, _ = chat.encode(conversations, t, length=12)
+    prompt, replies = [t.user, 1, t.end, t.assistant], [[2, t.end], [3, 3, t.end]]
+    comparisons = reward.encode([prompt] * 4, [replies] * 4, [[1, 0]] * 4, length=8)
+    optimizer = recipes.optimizer(recipes.Recipe(1e-3, 0, 2, 0.1, 0.0, (0.9, 0.95), 1e-8, 1.0))
+    loop = LoopConfig(steps=1, log_every=1, progress=False)
+    model = reward.RewardModel(cfg)
+    stages = {
+        "sft": tasks.supervised_chat(GPT(cfg), batch, batch, 8, 0, eval_batches=0),
+        "rm": tasks.reward_model(model, comparisons, comparisons, 4, 0, eval_batches=0),
+    }
+    for name, task in stages.items():
+        summary = train(task, optimizer, mesh, tmp_path / name, loop, {})
+        assert np.isfinite(summary["loss"]), name
+    assert 0 <= summary["accuracy"] <= 1  # the reward model's pairwise accuracy
+
+
 def count_of_a(instruction: np.ndarray, response: np.ndarray) -> np.ndarray:
     """The toy rule: the share of a response's letters that are "a" (id 1), up to its end (31)."""
     scores = []

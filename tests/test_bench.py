@@ -306,24 +306,6 @@ def test_peak_memory_counts_outputs_beyond_donated_buffers():
     assert bench.peak_memory(dict(mem, temp_bytes=None)) is None
 
 
-def test_a_ppo_step_holds_each_devices_shards_of_the_trained_and_frozen_models():
-    cfg = configs.gpt("gpt2-small", num_layers=1, d_model=32, num_heads=4, d_ff=64, context_length=16, vocab_size=64)
-    row = bench.ppo_layout(cfg, "fsdp", 8, prompt_tokens=4, response_tokens=4)
-    assert row["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and "fits" not in row
-    # By hand: the frozen SFT reference (a GPT) and reward model, each param's embed dimension split 8 ways by fsdp.
-    example = jnp.zeros((1, 4), jnp.int32)
-    frozen = [jax.eval_shape(model.init, jax.random.key(0), example) for model in (GPT(cfg), RewardModel(cfg))]
-    boxes = jax.tree.leaves(frozen, is_leaf=lambda leaf: isinstance(leaf, nn.Partitioned))
-    whole = sum(box.value.size * box.value.dtype.itemsize for box in boxes)
-    by_hand = sum(box.value.size * box.value.dtype.itemsize // (8 if "embed" in box.names else 1) for box in boxes)
-    assert row["constants_bytes"] == by_hand < whole / 4
-    # The trained policy and value model have the frozen ones' shapes, and AdamW's two moments beside them.
-    assert row["state_bytes"] == pytest.approx(3 * row["constants_bytes"], rel=0.01)
-    # XLA's arguments are the two, and this device's row of the batch.
-    assert row["memory"]["argument_bytes"] == pytest.approx(row["state_bytes"] + row["constants_bytes"], rel=0.01)
-    assert row["peak_bytes"] > row["memory"]["argument_bytes"]
-
-
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="AOT compilation for TPU topologies needs libtpu: pip install 'zoo[tpu]'",
@@ -399,14 +381,26 @@ def test_a_mesh_axis_that_splits_a_torus_axis(monkeypatch):
 
 
 @needs_libtpu
-def test_ppo_run_on_a_v5e_topology(tmp_path, capsys):
+def test_a_ppo_step_compiled_for_a_v5e_topology_holds_each_chips_shards_of_the_four_models(tmp_path, capsys):
+    script = experiment_module("bench_sharding")
     with pytest.raises(SystemExit):
-        experiment_module("bench_sharding").parse_args(["--method", "ppo", "--preset", "vit-ti/16"])
+        script.parse_args(["--method", "ppo", "--preset", "vit-ti/16"])
     assert "'vit-ti/16' is not a GPT preset" in capsys.readouterr().err
     ppo = "--method ppo --prompt-tokens 4 --response-tokens 4 --batch 8 --layouts fsdp data=3 --topology v5e:2x2"
-    out = run(*TINY, *ppo.split(), "--json", str(tmp_path / "p.json"))
+    script.main([*TINY, *ppo.split(), "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
     assert "trained: policy + value + AdamW" in out and "fits tpu-v5e 16 GiB" in out and "skipped data=3" in out
     (row,) = [row for row in json.loads((tmp_path / "p.json").read_text())["rows"] if "skipped" not in row]
     assert row["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and row["chip"] == "tpu-v5e" and row["fits"] is True
+    # By hand: the frozen SFT reference (a GPT) and reward model, each param's embed dimension split 4 ways by fsdp.
+    cfg = script.model_config("gpt2-small", TINY[3::2])  # the --set values
+    example = jnp.zeros((1, 4), jnp.int32)
+    frozen = [jax.eval_shape(model.init, jax.random.key(0), example) for model in (GPT(cfg), RewardModel(cfg))]
+    boxes = jax.tree.leaves(frozen, is_leaf=lambda leaf: isinstance(leaf, nn.Partitioned))
+    whole = sum(box.value.size * box.value.dtype.itemsize for box in boxes)
+    by_hand = sum(box.value.size * box.value.dtype.itemsize // (4 if "embed" in box.names else 1) for box in boxes)
+    assert row["constants_bytes"] == by_hand < whole / 2
+    # The trained policy and value model have the frozen ones' shapes, and AdamW's two moments beside them;
+    # XLA's arguments hold them all (and the batch; TPU tiles pad small shards).
     assert row["state_bytes"] == pytest.approx(3 * row["constants_bytes"], rel=0.01)
-    assert 0 < row["state_bytes"] + row["constants_bytes"] <= row["memory"]["argument_bytes"] < row["peak_bytes"]
+    assert row["state_bytes"] + row["constants_bytes"] <= row["memory"]["argument_bytes"] < row["peak_bytes"]

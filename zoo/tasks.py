@@ -15,7 +15,7 @@ from zoo.adaptation.finetune import Classifier
 from zoo.alignment import chat, ppo, reward
 from zoo.alignment.reward import RewardModel
 from zoo.data.text import ArrayPipeline, StepPipeline, TextPipeline, check_token_ids
-from zoo.models.gpt import GPT
+from zoo.models.gpt import GPT, GPTConfig
 from zoo.models.vit import ViT
 from zoo.train.loop import Task
 from zoo.train.metrics import gpt_flops_per_token, vit_flops_per_image
@@ -40,6 +40,24 @@ def evaluation_batches(pipeline: StepPipeline, max_batches: int | None) -> Calla
         )
     count = pipeline.steps_per_epoch if max_batches is None else min(max_batches, pipeline.steps_per_epoch)
     return lambda: (pipeline.batch_at(step) for step in range(count))
+
+
+def _array_batches(
+    train: dict[str, np.ndarray],
+    evaluate: dict[str, np.ndarray],
+    cfg: GPTConfig,
+    global_batch: int,
+    seed: int,
+    what: str,
+    eval_batches: int | None,
+) -> tuple[Callable[[int], Any], Callable[[], Iterator[Any]] | None]:
+    """(train_batch, eval_batches) of encoded arrays (a "tokens" entry among them, its ids checked
+    against the model's vocabulary), this process's rows of each global batch."""
+    for name, arrays in (("training", train), ("evaluation", evaluate)):
+        check_token_ids(arrays["tokens"], cfg.vocab_size, f"{name} {what}")
+    train_pipeline = ArrayPipeline(train, global_batch, seed, **_process_slice())
+    eval_pipeline = ArrayPipeline(evaluate, global_batch, seed, shuffle=False, **_process_slice())
+    return train_pipeline.batch_at, evaluation_batches(eval_pipeline, eval_batches)
 
 
 def language_model(
@@ -87,16 +105,13 @@ def text_classifier(
     """GPT-1's fine-tuning on encoded examples (`zoo.adaptation.finetune.encode`): the task loss plus
     `lm_weight` times the LM loss; reports accuracy."""
     tokens = train["tokens"]
-    for name, arrays in (("training", train), ("evaluation", evaluate)):
-        check_token_ids(arrays["tokens"], model.cfg.vocab_size, f"{name} examples")
-    train_pipeline = ArrayPipeline(train, global_batch, seed, **_process_slice())
-    eval_pipeline = ArrayPipeline(evaluate, global_batch, seed, shuffle=False, **_process_slice())
+    train_batch, eval_batches = _array_batches(train, evaluate, model.cfg, global_batch, seed, "examples", eval_batches)
     return Task(
         model=model,
         loss_fn=finetune.loss(lm_weight),
         example_input={key: value[:1] for key, value in train.items()},
-        train_batch=train_pipeline.batch_at,
-        eval_batches=evaluation_batches(eval_pipeline, eval_batches),
+        train_batch=train_batch,
+        eval_batches=eval_batches,
         global_rows=global_batch,
         flops_per_row=gpt_flops_per_token(model.cfg) * tokens.shape[1] * tokens.shape[2],
         items_per_row=1,
@@ -131,15 +146,14 @@ def supervised_chat(
     """Supervised fine-tuning on encoded conversations (`zoo.alignment.chat.encode`): the next-token
     loss on the assistant's tokens only."""
     cfg = model.cfg
-    for name, arrays in (("training", train), ("evaluation", evaluate)):
-        check_token_ids(arrays["tokens"], cfg.vocab_size, f"{name} conversations")
+    train_batch, eval_batches = _array_batches(train, evaluate, cfg, global_batch, seed, "conversations", eval_batches)
     length = train["tokens"].shape[1] - 1
     return Task(
         model=model,
         loss_fn=chat.loss,
         example_input=train["tokens"][:1, :-1],
-        train_batch=ArrayPipeline(train, global_batch, seed, **_process_slice()).batch_at,
-        eval_batches=evaluation_batches(ArrayPipeline(evaluate, global_batch, seed, shuffle=False), eval_batches),
+        train_batch=train_batch,
+        eval_batches=eval_batches,
         global_rows=global_batch,
         flops_per_row=gpt_flops_per_token(cfg) * length,
         items_per_row=length,
@@ -156,15 +170,16 @@ def reward_model(
 ) -> Task:
     """The reward model on encoded comparisons (`zoo.alignment.reward.encode`), every pair of a
     prompt's K responses in the same batch; reports pairwise accuracy."""
-    for name, arrays in (("training", train), ("evaluation", evaluate)):
-        check_token_ids(arrays["tokens"], model.cfg.vocab_size, f"{name} comparisons")
+    train_batch, eval_batches = _array_batches(
+        train, evaluate, model.cfg, global_batch, seed, "comparisons", eval_batches
+    )
     _, k, length = train["tokens"].shape
     return Task(
         model=model,
         loss_fn=reward.loss,
         example_input=train["tokens"][:1, 0],
-        train_batch=ArrayPipeline(train, global_batch, seed, **_process_slice()).batch_at,
-        eval_batches=evaluation_batches(ArrayPipeline(evaluate, global_batch, seed, shuffle=False), eval_batches),
+        train_batch=train_batch,
+        eval_batches=eval_batches,
         global_rows=global_batch,
         flops_per_row=gpt_flops_per_token(model.cfg) * k * length,
         items_per_row=k,
