@@ -6,8 +6,6 @@ import importlib.util
 import json
 import pathlib
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -15,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
-from subprocess_env import cpu_environment, experiment_module
+from subprocess_env import experiment_module
 
 from zoo import bench, configs, sharding
 from zoo.alignment.reward import RewardModel
@@ -312,22 +310,16 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
-def run(*args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "bench_sharding.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=cpu_environment(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+def run(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """What bench_sharding.py prints with `args`, run in this process (its 8 simulated devices)."""
+    experiment_module("bench_sharding").main(list(args))
+    return capsys.readouterr().out
 
 
-def test_tiny_run_reports_every_layout(tmp_path):
+def test_tiny_run_reports_every_layout(tmp_path, capsys):
     layouts = ("dp", "fsdp")
     files = ["--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]
-    out = run(*TINY, *"--batch 8 --repeats 1 --layouts".split(), *layouts, *files, "--chip", "tpu-v5e")
+    out = run(capsys, *TINY, *"--batch 8 --repeats 1 --layouts".split(), *layouts, *files, "--chip", "tpu-v5e")
     rows = {row["layout"]: row for row in json.loads((tmp_path / "b.json").read_text())["rows"]}
     assert set(rows) == set(layouts) and all(name in out for name in layouts) and "tpu-v5e roofline" in out
     assert rows["dp"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
@@ -345,8 +337,10 @@ def test_tiny_run_reports_every_layout(tmp_path):
 
 
 @needs_libtpu
-def test_aot_run_on_a_v5e_topology(tmp_path):
-    out = run(*TINY, *"--batch 8 --layouts dp fsdp --topology v5e:2x2".split(), "--json", str(tmp_path / "a.json"))
+def test_aot_run_on_a_v5e_topology(tmp_path, capsys):
+    out = run(
+        capsys, *TINY, *"--batch 8 --layouts dp fsdp --topology v5e:2x2".split(), "--json", str(tmp_path / "a.json")
+    )
     rows = {row["layout"]: row for row in json.loads((tmp_path / "a.json").read_text())["rows"]}
     assert set(rows) == {"dp", "fsdp"} and "tpu-v5e MFU" in out and "fits 16 GiB" in out
     assert rows["dp"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
@@ -362,16 +356,16 @@ def test_aot_run_on_a_v5e_topology(tmp_path):
 
 
 @needs_libtpu
-def test_a_layout_too_big_for_the_chips_memory_is_explained():
+def test_a_layout_too_big_for_the_chips_memory_is_explained(capsys):
     # 1.07G parameters with AdamW: 17 GB replicated (dp) overflow a v5e's 16 GiB; 4.3 GB in fsdp's shards do not.
     big = "--set vocab_size=262144 --set d_model=4096 --set num_heads=32 --set d_ff=64".split()
-    out = run(*TINY, *big, *"--batch 4 --layouts dp fsdp --topology v5e:2x2".split())
+    out = run(capsys, *TINY, *big, *"--batch 4 --layouts dp fsdp --topology v5e:2x2".split())
     assert "skipped dp: does not fit: RESOURCE_EXHAUSTED" in out and re.search(r"fsdp \|\s+1, 4, 1 \|", out)
 
 
 @needs_libtpu
 def test_a_mesh_axis_that_splits_a_torus_axis(monkeypatch):
-    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # as in run(): load libtpu beside another user
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # load libtpu beside another user
     cfg = configs.gpt("gpt2-small", num_heads=4, d_model=32, d_ff=64, vocab_size=64)
     devices = bench.topology_devices("v5p:8x8x8")
     script = experiment_module("bench_sharding")
