@@ -90,7 +90,7 @@ def stage_config(
     }
 
 
-def fine_tune(args: argparse.Namespace, mesh: jax.sharding.Mesh, run: Run, train_set: list, test_set: list) -> Run:
+def fine_tune(args: argparse.Namespace, mesh: jax.sharding.Mesh, run: Run, train_set: list, test_set: list) -> dict:
     """The SFT stage: the chat tokens added to the pretrained model, trained on the demonstrations."""
     rng, multiple = jax.random.key(args.seed), mesh.shape["tensor"]
     cfg, params, tokenizer = chat.add_chat_tokens(run.model.cfg, run.params, run.tokenizer, rng, multiple)
@@ -115,8 +115,9 @@ def stage(
 ) -> dict:
     """Train `task` as the stage `name` in <workdir>/<name> (a finished stage is reused)."""
     workdir = epath.Path(args.workdir) / name
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / tokenizer.FILE_NAME).write_bytes(tokenizer.serialized())  # zoo.load reads it
+    if jax.process_index() == 0:  # zoo.load reads the tokenizer beside the checkpoints
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / tokenizer.FILE_NAME).write_bytes(tokenizer.serialized())
     loop = dataclasses.replace(experiment.loop_config(args), steps=steps, **loop_changes)
     print(f"\n== {name}: {steps} steps in {workdir}", flush=True)
     return train(task, recipes.optimizer(recipe), mesh, workdir, loop, config)
@@ -138,13 +139,15 @@ def replies(
     return prompts, [cut[i : i + samples] for i in range(0, len(cut), samples)], np.reshape(scores, (-1, samples))
 
 
-def true_scores(run: Run, params: Any, items: list, max_new: int, key: jax.Array) -> dict[str, dict[str, float]]:
+def true_scores(
+    run: Run, params: Any, items: list, max_new: int, key: jax.Array, samples: int
+) -> dict[str, dict[str, float]]:
     """The mean true score of replies to `items`, per kind and in all: greedy, and sampled at
-    temperature 1 (4 per prompt) as the PPO rollouts are."""
+    temperature 1 (`samples` per prompt) as the PPO rollouts are."""
     greedy = chat.reply(run.model, params, run.tokenizer, [[("user", item.text)] for item in items], max_new)
     found = {
         "greedy": np.array([instructions.score(item, text) for item, text in zip(items, greedy)]),
-        "sampled": replies(run, params, items, 4, key, max_new)[2].mean(axis=1),
+        "sampled": replies(run, params, items, samples, key, max_new)[2].mean(axis=1),
     }
     kinds = np.array([item.kind for item in items])
     return {
@@ -167,7 +170,8 @@ def reward_stage(args: argparse.Namespace, mesh: jax.sharding.Mesh, sft: Run, tr
     )
     test_cmp = reward.encode(*replies(sft, sft.params, test_set, args.k, key, args.response_tokens), length)
     model = reward.RewardModel(sft.model.cfg)
-    task = tasks.reward_model(model, train_cmp, test_cmp, args.batch // args.k or 1, args.seed)
+    # held-out accuracy is computed below, on every pair at once (and for a reused stage too)
+    task = tasks.reward_model(model, train_cmp, test_cmp, args.batch // args.k or 1, args.seed, eval_batches=0)
     task = dataclasses.replace(task, start_params=lambda fresh: {**fresh, "gpt": sft.params})
     recipe = recipes.Recipe(3e-4, args.rm_steps // 10, args.rm_steps, 0.1, 0.0, (0.9, 0.95))
     config = stage_config(model.cfg, recipe, sft.tokenizer, args)
@@ -238,11 +242,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def evaluated(model: zoo.GPT, params: Any, chats: bool = True) -> dict:
         found = {"held_out_loss": held_out_loss(model, params, held_out)}
-        return found | (
-            {"true_score": true_scores(sft, params, test_set, args.response_tokens, jax.random.key(args.seed + 1))}
-            if chats
-            else {}
-        )
+        if chats:  # the same sampling key for every model: their scores are paired
+            key = jax.random.key(args.seed + 1)
+            found["true_score"] = true_scores(sft, params, test_set, args.response_tokens, key, args.k)
+        return found
 
     results = {"pretrained": evaluated(base.model, base.params, chats=False), "sft": evaluated(sft.model, sft.params)}
     rm = None
