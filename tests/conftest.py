@@ -21,12 +21,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny test programs compile fast: keep all
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-
-
-# The longest tests (end-to-end runs in subprocesses, AOT compiles for TPU topologies) go first, so that
-# pytest -n's workers take them at the start and finish together instead of one waiting on a long test at the end.
-LONG_FIRST = ("test_experiments.py", "test_loop.py", "test_tpu_aot.py", "test_bench.py", "test_alignment.py")
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: the order within each group is kept
