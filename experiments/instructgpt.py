@@ -45,6 +45,7 @@ from zoo.train import Task, next_token_loss, recipes, train
 
 PPO_RUNS = ("ppo", "ppo_ptx", "ppo_rule")
 PROMPT_TOKENS = 24  # the longest chat prompt (the instructions are short)
+_next_token_loss = jax.jit(next_token_loss, static_argnums=0)  # one compile per model, however often called
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,7 +159,7 @@ def true_scores(
 
 def held_out_loss(model: zoo.GPT, params: Any, rows: np.ndarray) -> float:
     """The next-token loss of `params` on held-out pretraining rows."""
-    return float(jax.jit(next_token_loss, static_argnums=0)(model, params, rows))
+    return float(_next_token_loss(model, params, rows))
 
 
 def reward_stage(args: argparse.Namespace, mesh: jax.sharding.Mesh, sft: Run, train_set: list, test_set: list) -> tuple:

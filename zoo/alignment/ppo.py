@@ -219,7 +219,7 @@ def train_step(
             "ptx": batch["ptx"],
         }
         metrics |= {"kl": jnp.mean(jnp.sum(kl, axis=1)), "response_tokens": jnp.mean(jnp.sum(mask, axis=1))}
-        return jax.lax.stop_gradient(experience), metrics
+        return experience, metrics  # constants of the updates: their gradients are taken inside `losses`
 
     def losses(params: Any, minibatch: dict) -> tuple[jax.Array, dict]:
         mb = minibatch
