@@ -12,6 +12,10 @@ length), since every step reads all of its slots. A prompt longer than the conte
 keeps its last `context_length` tokens. Past the context, each step recomputes the model over the
 row's last `context_length` tokens (at positions 0 … T-1, as training saw them): the cache
 holds keys at absolute positions, which a sliding window would shift.
+
+An image prompt: `prefix` holds each row's image tokens (embeddings, e.g.
+`ImageToText.image_tokens`), prefilled once before the text prompt; image and prompt attend to each
+other both ways, the new tokens causally (the prefix-LM form the model was trained in).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def generate(
     rng: jax.Array | None = None,
     samples: int = 1,
     stream: Callable[[np.ndarray], None] | None = None,
+    prefix: jax.Array | None = None,
 ) -> jax.Array:
     """The new tokens, int32 [B * samples, max_new_tokens], of each prompt (token-id sequences of any
     lengths, or an int array [B, P]), each row cut at its first stop token (kept; the rest of the
@@ -52,7 +57,9 @@ def generate(
     vocabulary). With `samples` > 1 each prompt is prefilled once and continued `samples` times (its
     rows next to each other), e.g. for self-consistency. `stream`, if given, is called with each
     step's new tokens (an int32 array of the rows) as the compiled loop chooses them, e.g. to print
-    them as they come; a new function compiles again. Every call has been made when generate returns."""
+    them as they come; a new function compiles again. Every call has been made when generate returns.
+    `prefix` [B, P, d_model]: embeddings put before each prompt (image tokens; see the module's
+    docstring); the prefix, the prompt and the new tokens must fit in the context."""
     cfg = model.cfg
     rows = [np.asarray(row, np.int64).reshape(-1) for row in prompts]
     if not rows or any(row.size == 0 for row in rows):
@@ -72,9 +79,22 @@ def generate(
         raise ValueError(f"top_k={top_k} must be in [1, vocab_size={cfg.vocab_size}] (None: no cut)")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (None: no cut)")
+    room = cfg.context_length  # positions left for the prompt (and, with a prefix, the new tokens)
+    if prefix is not None:
+        if prefix.ndim != 3 or prefix.shape[0] != len(rows) or prefix.shape[2] != cfg.d_model:
+            raise ValueError(
+                f"prefix must be [prompts={len(rows)}, length, d_model={cfg.d_model}], got {tuple(prefix.shape)}"
+            )
+        longest = max(row.size for row in rows)
+        if prefix.shape[1] + longest + max_new_tokens > cfg.context_length:
+            raise ValueError(
+                f"a prefix of {prefix.shape[1]}, a prompt of {longest} and {max_new_tokens} new tokens pass "
+                f"context_length={cfg.context_length} (with a prefix, generation stays within the context)"
+            )
+        room = cfg.context_length - prefix.shape[1] - max_new_tokens
     rows = [row[-cfg.context_length :] for row in rows]  # longer prompts: the latest tokens
     lengths = np.array([row.size for row in rows], np.int32)
-    bucket = min(max(MIN_BUCKET, 1 << int(lengths.max() - 1).bit_length()), cfg.context_length)
+    bucket = min(max(MIN_BUCKET, 1 << int(lengths.max() - 1).bit_length()), room)
     padded = np.zeros((len(rows), bucket), np.int32)
     for i, row in enumerate(rows):
         padded[i, : row.size] = row
@@ -82,7 +102,9 @@ def generate(
         return jnp.zeros((len(rows) * samples, 0), jnp.int32)
     sampling = (float(temperature), top_k, top_p, tuple(int(t) for t in stop_tokens), samples)
     key = jax.random.key(0) if rng is None else rng
-    new = _generate(model, params, jnp.asarray(padded), jnp.asarray(lengths), key, max_new_tokens, sampling, stream)
+    new = _generate(
+        model, params, jnp.asarray(padded), jnp.asarray(lengths), key, max_new_tokens, sampling, stream, prefix
+    )
     if stream is not None:
         jax.effects_barrier()  # every step's call has been made when generate returns
     return new
@@ -136,13 +158,15 @@ def _generate(
     max_new: int,
     sampling: tuple[float, int | None, float | None, tuple[int, ...], int],
     stream: Callable[[np.ndarray], None] | None,
+    prefix: jax.Array | None = None,
 ) -> jax.Array:
     temperature, top_k, top_p, stop_tokens, samples = sampling
     cfg, variables = model.cfg, {"params": params}
-    reach = prompt.shape[1] + max_new  # no position of this decode reaches it: fewer slots to read each step
+    offset = 0 if prefix is None else prefix.shape[1]  # the position of a row's first token
+    reach = offset + prompt.shape[1] + max_new  # no position of this decode reaches it: fewer slots to read
     slots = min(cfg.context_length, 1 << (reach - 1).bit_length())
-    caches = advance(init_caches(cfg, prompt.shape[0], slots), jnp.zeros_like(lengths), lengths)
-    logits, caches = model.apply(variables, prompt, caches, method=GPT.extend)
+    caches = advance(init_caches(cfg, prompt.shape[0], slots), jnp.zeros_like(lengths), offset + lengths)
+    logits, caches = model.apply(variables, prompt, caches, prefix, method=GPT.extend)
     if samples > 1:  # every cache leaf, like the prompts, has the batch at axis 1 (after the layer scan's)
         caches = jax.tree.map(lambda leaf: jnp.repeat(leaf, samples, axis=1), caches)
         prompt, lengths, logits = (jnp.repeat(x, samples, axis=0) for x in (prompt, lengths, logits))
@@ -151,9 +175,8 @@ def _generate(
     sequence = jnp.zeros((batch, bucket + max_new), jnp.int32).at[:, :bucket].set(prompt)
 
     def cached(token: jax.Array, position: jax.Array, caches: Any, sequence: jax.Array) -> tuple[jax.Array, Any]:
-        logits, caches = model.apply(
-            variables, token[:, None], advance(caches, position, jnp.ones_like(position)), method=GPT.extend
-        )
+        caches = advance(caches, offset + position, jnp.ones_like(position))
+        logits, caches = model.apply(variables, token[:, None], caches, method=GPT.extend)
         return logits[:, 0], caches
 
     def recomputed(token: jax.Array, position: jax.Array, caches: Any, sequence: jax.Array) -> tuple[jax.Array, Any]:
@@ -177,7 +200,7 @@ def _generate(
         if stream is not None:
             io_callback(stream, None, token, ordered=True)
         sequence = sequence.at[rows, position].set(token)
-        if bucket + max_new <= cfg.context_length:  # no row passes the context: no recomputation compiled
+        if reach <= cfg.context_length:  # no row passes the context: no recomputation compiled
             logits, caches = cached(token, position, caches, sequence)
         else:
             fits = jnp.all(done | (position < cfg.context_length))

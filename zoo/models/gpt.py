@@ -9,6 +9,10 @@
 All three use the tanh approximation of GELU (as released) and tie the output layer to the token
 embedding. The repeating `attention_pattern` is the unit scanned over depth: a GPT-3 pair (dense,
 banded) is one scan step.
+
+Embeddings can be put before the tokens (`prefix`: prompt tuning's learned tokens, or an image
+encoder's image tokens), and a prefix of each row can attend both ways (`bidirectional`, the
+prefix-LM form of PaliGemma: image tokens and a question see each other, the answer is causal).
 Presets with the papers' sizes are in `zoo.configs`.
 """
 
@@ -90,16 +94,22 @@ class _Period(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, deterministic: bool, caches: dict[str, KVCache] | None = None
+        self,
+        x: jax.Array,
+        deterministic: bool,
+        caches: dict[str, KVCache] | None = None,
+        bidirectional: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, KVCache] | None]:
         updated = {}
         for i, kind in enumerate(self.cfg.attention_pattern):
             window = self.cfg.window if kind == "banded" else None
             block = Block(self.cfg, causal=True, window=window, name=f"block_{i}")
             if caches is None:
-                x = block(x, deterministic)
+                x = block(x, deterministic, bidirectional=bidirectional)
             else:
-                x, updated[f"block_{i}"] = block(x, deterministic, cache=caches[f"block_{i}"])
+                x, updated[f"block_{i}"] = block(
+                    x, deterministic, cache=caches[f"block_{i}"], bidirectional=bidirectional
+                )
         return x, updated or None
 
 
@@ -124,26 +134,34 @@ class GPT(nn.Module):
             cfg.param_dtype,
         )
         num_periods = cfg.num_layers // len(cfg.attention_pattern)
-        self.layers = scan_layers(_Period, num_periods, cfg.remat, cfg.scan_unroll, (nn.broadcast, 0))(cfg)
+        self.layers = scan_layers(_Period, num_periods, cfg.remat, cfg.scan_unroll, (nn.broadcast, 0, nn.broadcast))(
+            cfg
+        )
         self.embed_dropout = nn.Dropout(cfg.dropout)
         if cfg.final_norm:
             self.final_norm = layer_norm(cfg)
 
     def hidden_states(
-        self, tokens: jax.Array, deterministic: bool = True, prefix: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        deterministic: bool = True,
+        prefix: jax.Array | None = None,
+        bidirectional: jax.Array | None = None,
     ) -> jax.Array:
-        """Final hidden states [batch, length, d_model] (after the final LN, if any). A `prefix`
-        [P, d_model] of embeddings (prompt tuning) is put before every row's tokens, at positions
-        0 to P - 1; the states returned are the tokens' only."""
-        self._check_tokens(tokens, 0 if prefix is None else prefix.shape[0])
+        """Final hidden states [batch, length, d_model] (after the final LN, if any). A `prefix` of
+        embeddings, [P, d_model] for every row (prompt tuning) or [batch, P, d_model] (image tokens),
+        is put before the tokens at positions 0 to P - 1; the states returned are the tokens' only.
+        `bidirectional` [batch]: the first that many positions of each row (the prefix's included)
+        attend to each other both ways; the rest are causal (the prefix-LM mask)."""
+        self._check_tokens(tokens, 0 if prefix is None else prefix.shape[-2])
         x = self.token_embed(tokens)
         if prefix is not None:
-            prefix = jnp.broadcast_to(prefix.astype(x.dtype), (x.shape[0], *prefix.shape))
+            prefix = jnp.broadcast_to(prefix.astype(x.dtype), (x.shape[0], *prefix.shape[-2:]))
             x = jnp.concatenate([prefix, x], axis=1)
         x = x + self.pos_embed[: x.shape[1]].astype(self.cfg.dtype)
         x = self.embed_dropout(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x, _ = self.layers(x, deterministic, None)
+        x, _ = self.layers(x, deterministic, None, bidirectional)
         x = x[:, x.shape[1] - tokens.shape[1] :]
         return self.final_norm(x) if self.cfg.final_norm else x
 
@@ -153,19 +171,36 @@ class GPT(nn.Module):
         logits = self.token_embed.attend(hidden).astype(jnp.float32)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
-    def __call__(self, tokens: jax.Array, deterministic: bool = True, prefix: jax.Array | None = None) -> jax.Array:
-        """Next-token logits [batch, length, vocab] in float32 (after a learned `prefix`, if any)."""
-        return self.logits(self.hidden_states(tokens, deterministic, prefix))
+    def __call__(
+        self,
+        tokens: jax.Array,
+        deterministic: bool = True,
+        prefix: jax.Array | None = None,
+        bidirectional: jax.Array | None = None,
+    ) -> jax.Array:
+        """Next-token logits [batch, length, vocab] in float32 (after a `prefix`, if any; see
+        `hidden_states`)."""
+        return self.logits(self.hidden_states(tokens, deterministic, prefix, bidirectional))
 
-    def extend(self, tokens: jax.Array, caches: dict[str, KVCache]) -> tuple[jax.Array, dict[str, KVCache]]:
+    def extend(
+        self, tokens: jax.Array, caches: dict[str, KVCache], prefix: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, KVCache]]:
         """Generation: run new tokens [B, L] at each row's own positions (the caches' `start` + i; the
         first `lengths` of each row real, the rest padding) over the KV `caches` (`init_caches`);
-        returns the logits [B, L, vocab] (float32) and the caches with the new keys and values."""
+        returns the logits [B, L, vocab] (float32) and the caches with the new keys and values. A
+        `prefix` [B, P, d_model] of embeddings (image tokens; a prefill from position 0) goes before
+        the tokens, the caches' `lengths` counting it, and the prefix and the real tokens attend to
+        each other both ways, as `bidirectional` has them in training."""
         first = jax.tree.leaves(caches, is_leaf=lambda leaf: isinstance(leaf, KVCache))[0]
-        positions = first.start[0][:, None] + jnp.arange(tokens.shape[1])
+        x = self.token_embed(tokens)
+        bidirectional = None
+        if prefix is not None:
+            x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
+            bidirectional = first.start[0] + first.lengths[0]
+        positions = first.start[0][:, None] + jnp.arange(x.shape[1])
         pos_embed = jnp.take(self.pos_embed, jnp.clip(positions, 0, self.cfg.context_length - 1), axis=0)
-        x = self.token_embed(tokens) + pos_embed.astype(self.cfg.dtype)
-        x, caches = self.layers(x, True, caches)
+        x, caches = self.layers(x + pos_embed.astype(self.cfg.dtype), True, caches, bidirectional)
+        x = x[:, x.shape[1] - tokens.shape[1] :]
         x = self.final_norm(x) if self.cfg.final_norm else x
         return self.token_embed.attend(x).astype(jnp.float32), caches
 

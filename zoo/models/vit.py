@@ -80,15 +80,15 @@ class _EncoderLayer(nn.Module):
 
 
 class ViT(nn.Module):
-    """Image classifier: float images [batch, height, width, channels] -> logits [batch, classes]."""
+    """Image classifier: float images [batch, height, width, channels] -> logits [batch, classes].
+    `features` (every position's final state) and `pooled` are the encoder without the head, for
+    models that use the ViT as their image tower."""
 
     cfg: ViTConfig
 
-    @nn.compact
-    def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    def setup(self) -> None:
         cfg = self.cfg
-        self._check_images(images)
-        x = nn.Conv(
+        self.patch_embed = nn.Conv(
             cfg.d_model,
             kernel_size=(cfg.patch_size, cfg.patch_size),
             strides=(cfg.patch_size, cfg.patch_size),
@@ -97,33 +97,47 @@ class ViT(nn.Module):
             param_dtype=cfg.param_dtype,
             kernel_init=dense_init(cfg.init_std, (None, None, None, "embed")),
             bias_init=zeros_init(("embed",)),
-            name="patch_embed",
-        )(images.astype(cfg.dtype))
-        x = x.reshape(x.shape[0], -1, cfg.d_model)
+        )
         if cfg.pooling == "token":
-            cls = self.param("cls", zeros_init((None, None, "embed")), (1, 1, cfg.d_model), cfg.param_dtype)
-            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.d_model)), x], axis=1)
-        pos_embed = self.param(
+            self.cls = self.param("cls", zeros_init((None, None, "embed")), (1, 1, cfg.d_model), cfg.param_dtype)
+        self.pos_embed = self.param(
             "pos_embed",
             dense_init(cfg.init_std, (None, None, "embed")),
             (1, cfg.num_positions, cfg.d_model),
             cfg.param_dtype,
         )
-        x = nn.Dropout(cfg.dropout)(x + pos_embed.astype(x.dtype), deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        layers = scan_layers(_EncoderLayer, cfg.num_layers, cfg.remat, cfg.scan_unroll)
-        x, _ = layers(cfg, name="layers")(x, deterministic)
-        x = layer_norm(cfg, "final_norm")(x)
-        pooled = x[:, 0] if cfg.pooling == "token" else x.mean(axis=1)
-        logits = nn.Dense(
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = scan_layers(_EncoderLayer, cfg.num_layers, cfg.remat, cfg.scan_unroll)(cfg)
+        self.final_norm = layer_norm(cfg)
+        self.head = nn.Dense(
             cfg.num_classes,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             kernel_init=zeros_init(("embed", "classes")),
             bias_init=zeros_init(("classes",)),
-            name="head",
-        )(pooled)
-        return logits.astype(jnp.float32)
+        )
+
+    def features(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The encoder's final states [batch, positions, d_model] (after the final LN): the [CLS]
+        token first with "token" pooling, then the patches in row-major order."""
+        cfg = self.cfg
+        self._check_images(images)
+        x = self.patch_embed(images.astype(cfg.dtype))
+        x = x.reshape(x.shape[0], -1, cfg.d_model)
+        if cfg.pooling == "token":
+            x = jnp.concatenate([jnp.broadcast_to(self.cls.astype(x.dtype), (x.shape[0], 1, cfg.d_model)), x], axis=1)
+        x = self.embed_dropout(x + self.pos_embed.astype(x.dtype), deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x, _ = self.layers(x, deterministic)
+        return self.final_norm(x)
+
+    def pooled(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        """One vector per image [batch, d_model]: the [CLS] output, or the mean of the patch outputs."""
+        x = self.features(images, deterministic)
+        return x[:, 0] if self.cfg.pooling == "token" else x.mean(axis=1)
+
+    def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        return self.head(self.pooled(images, deterministic)).astype(jnp.float32)
 
     def _check_images(self, images: jax.Array) -> None:
         cfg = self.cfg

@@ -4,6 +4,11 @@ the fused kernels of each backend (cuDNN on GPU, Pallas splash on TPU).
 Layout everywhere is that of `jax.nn.dot_product_attention`: [batch, length, heads, head_dim].
 Window semantics (SPEC.md): with `window=w`, query i attends keys j with i - w < j <= i,
 so w counts the query itself; w = 1 returns v and w >= T is dense causal attention.
+
+The prefix-LM mask (PaliGemma's `mask_ar`): with `bidirectional=P` [B], row b's first P[b]
+positions form a prefix whose queries see all of the prefix, later ones included; the positions
+after it are causal (and see the whole prefix). Query i sees key j iff j <= i or j < P. With a
+window as well, a key must also lie within w of the query on either side: |i - j| < w.
 """
 
 from __future__ import annotations
@@ -33,25 +38,29 @@ def attention(
     causal: bool = True,
     window: int | None = None,
     key_mask: jax.Array | None = None,
+    bidirectional: jax.Array | None = None,
     implementation: Implementation | None = None,
 ) -> jax.Array:
     """Multi-head attention of q [B, T, H, D] over k, v [B, S, H, D]; returns [B, T, H, D].
 
     `window` (causal only) limits each query to the w most recent keys, itself included.
     `key_mask` [B, S] marks valid keys (False = padding); a query that sees no valid key
-    outputs 0 (the fused kernels may differ there). `implementation=None` picks the
+    outputs 0 (the fused kernels may differ there). `bidirectional` [B] (causal only) gives each
+    row a prefix of that many positions that attend to each other both ways (the prefix-LM
+    mask; see the module's docstring). `implementation=None` picks the
     fastest exact implementation for the target devices (`target_device`) and the arguments.
     """
-    _check_arguments(q, k, v, causal, window, key_mask, implementation)
+    _check_arguments(q, k, v, causal, window, key_mask, bidirectional, implementation)
+    masks = dict(causal=causal, window=window, key_mask=key_mask, bidirectional=bidirectional)
     if implementation is None:
-        implementation = choose_implementation(q, causal=causal, window=window, key_mask=key_mask)
-    elif reason := unsupported_reason(implementation, q, causal=causal, window=window, key_mask=key_mask):
+        implementation = choose_implementation(q, **masks)
+    elif reason := unsupported_reason(implementation, q, **masks):
+        given = lambda x: "given" if x is not None else None
         raise ValueError(
             f"implementation={implementation!r} cannot run here: {reason} (dtype={q.dtype}, shape={q.shape}, "
-            f"causal={causal}, window={window}, key_mask={'given' if key_mask is not None else None})"
+            f"causal={causal}, window={window}, key_mask={given(key_mask)}, bidirectional={given(bidirectional)})"
         )
-    fn = _IMPLEMENTATIONS[implementation]
-    return fn(q, k, v, causal=causal, window=window, key_mask=key_mask)
+    return _IMPLEMENTATIONS[implementation](q, k, v, **masks)
 
 
 def _check_arguments(
@@ -61,6 +70,7 @@ def _check_arguments(
     causal: bool,
     window: int | None,
     key_mask: jax.Array | None,
+    bidirectional: jax.Array | None,
     implementation: str,
 ) -> None:
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -77,6 +87,11 @@ def _check_arguments(
         raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[1]} and {k.shape[1]}")
     if key_mask is not None and key_mask.shape != k.shape[:2]:
         raise ValueError(f"key_mask must have shape [batch, keys] = {k.shape[:2]}, got {key_mask.shape}")
+    if bidirectional is not None:
+        if not causal:
+            raise ValueError("bidirectional (a prefix-LM prefix) is defined for causal attention only (causal=False)")
+        if bidirectional.shape != q.shape[:1]:
+            raise ValueError(f"bidirectional must have shape [batch] = {q.shape[:1]}, got {bidirectional.shape}")
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation={implementation!r}; choose one of {IMPLEMENTATIONS} or None")
 
@@ -98,7 +113,13 @@ def target_device() -> tuple[str, str]:
 
 
 def unsupported_reason(
-    implementation: str, q: jax.Array, *, causal: bool, window: int | None, key_mask: jax.Array | None
+    implementation: str,
+    q: jax.Array,
+    *,
+    causal: bool,
+    window: int | None,
+    key_mask: jax.Array | None,
+    bidirectional: jax.Array | None = None,
 ) -> str | None:
     """Why `implementation` cannot compute this attention exactly on the target devices, or None if it can."""
     platform, device_kind = target_device()
@@ -116,12 +137,14 @@ def unsupported_reason(
             == 0
             and head_dim <= max_head_dim,
             "cuDNN here takes no key mask": key_mask is None,
+            "cuDNN here takes no prefix-LM mask": bidirectional is None,
         }
     elif implementation == "splash":
         checks = {
             f"splash runs on TPUs, the target is {platform!r}": platform == "tpu",
             "splash here is causal only": causal,
             "splash here takes no key mask": key_mask is None,
+            "splash here takes no prefix-LM mask": bidirectional is None,
             f"splash needs a length that is a multiple of 128, got {q.shape[1]}": q.shape[1] % 128 == 0,
             # A Pallas kernel in a program over several devices must be told their mesh (jax.set_mesh,
             # as zoo.sharding.sharding_context does) to run on each one's shard.
@@ -134,19 +157,31 @@ def unsupported_reason(
 
 
 def supports(
-    implementation: str, q: jax.Array, *, causal: bool, window: int | None, key_mask: jax.Array | None
+    implementation: str,
+    q: jax.Array,
+    *,
+    causal: bool,
+    window: int | None,
+    key_mask: jax.Array | None,
+    bidirectional: jax.Array | None = None,
 ) -> bool:
     """Whether `implementation` can compute this attention exactly on the target devices."""
-    return unsupported_reason(implementation, q, causal=causal, window=window, key_mask=key_mask) is None
+    masks = dict(causal=causal, window=window, key_mask=key_mask, bidirectional=bidirectional)
+    return unsupported_reason(implementation, q, **masks) is None
 
 
 def choose_implementation(
-    q: jax.Array, *, causal: bool = True, window: int | None = None, key_mask: jax.Array | None = None
+    q: jax.Array,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    key_mask: jax.Array | None = None,
+    bidirectional: jax.Array | None = None,
 ) -> str:
     """The fastest exact implementation: the target devices' fused kernel when its constraints
     hold, else blocked banded attention when the band is narrow, else the dense reference."""
     for fused in ("cudnn", "splash"):
-        if supports(fused, q, causal=causal, window=window, key_mask=key_mask):
+        if supports(fused, q, causal=causal, window=window, key_mask=key_mask, bidirectional=bidirectional):
             return fused
     # Banded computes a T x 2w strip of logits, dense a T x T square.
     # (A window w >= T is plain causal attention: dense.)
@@ -172,13 +207,17 @@ def _scale(q: jax.Array) -> float:
     return 1.0 / math.sqrt(q.shape[-1])
 
 
-def _allowed(q_pos: jax.Array, k_pos: jax.Array, causal: bool, window: int | None) -> jax.Array:
-    """Boolean mask [..., queries, keys] of the (query, key) pairs attention may use."""
-    allowed = jnp.ones(jnp.broadcast_shapes(q_pos[..., :, None].shape, k_pos[..., None, :].shape), bool)
-    if causal:
-        allowed &= k_pos[..., None, :] <= q_pos[..., :, None]
-    if window is not None:
-        allowed &= k_pos[..., None, :] > q_pos[..., :, None] - window
+def _allowed(
+    q_pos: jax.Array, k_pos: jax.Array, causal: bool, window: int | None, prefix: jax.Array | None = None
+) -> jax.Array:
+    """Boolean mask [..., queries, keys] of the (query, key) pairs attention may use; `prefix`
+    (broadcast against that shape): the bidirectional prefix's length."""
+    q, k = q_pos[..., :, None], k_pos[..., None, :]
+    allowed = k <= q if causal else jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), bool)
+    if prefix is not None:
+        allowed = allowed | (k < prefix)
+    if window is not None:  # the upper bound only binds inside a bidirectional prefix
+        allowed = allowed & (k > q - window) & (k < q + window)
     return allowed
 
 
@@ -198,23 +237,33 @@ def dense_attention(
     causal: bool = True,
     window: int | None = None,
     key_mask: jax.Array | None = None,
+    bidirectional: jax.Array | None = None,
 ) -> jax.Array:
     """Reference: materialises all T x S logits in float32 and masks them. O(T·S) memory."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * _scale(q)
-    allowed = _allowed(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]), causal, window)
+    prefix = None if bidirectional is None else bidirectional[:, None, None, None]
+    allowed = _allowed(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]), causal, window, prefix)
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :]
     return _softmax_weighted_sum(logits, allowed, v, "bhqk,bkhd->bqhd")
 
 
 def attention_at_positions(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, window: int | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    window: int | None = None,
+    bidirectional: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention of queries at absolute positions `q_pos` [B, L] over keys at `k_pos` [B, S]
     in any order (a KV cache's slots; -1: an empty slot): query i sees key j iff
-    0 <= k_pos[j] <= q_pos[i] (and q_pos[i] - k_pos[j] < window). Dense over the S keys."""
+    0 <= k_pos[j] <= q_pos[i] (and q_pos[i] - k_pos[j] < window), or k_pos[j] < `bidirectional`
+    [B] (a prefix-LM prefix, within the window). Dense over the S keys."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * _scale(q)
-    allowed = _allowed(q_pos, k_pos, True, window) & (k_pos >= 0)[:, None, :]
+    prefix = None if bidirectional is None else bidirectional[:, None, None]
+    allowed = _allowed(q_pos, k_pos, True, window, prefix) & (k_pos >= 0)[:, None, :]
     return _softmax_weighted_sum(logits, allowed[:, None], v, "bhqk,bkhd->bqhd")
 
 
@@ -226,13 +275,16 @@ def banded_attention(
     causal: bool = True,
     window: int | None = None,
     key_mask: jax.Array | None = None,
+    bidirectional: jax.Array | None = None,
 ) -> jax.Array:
     """Exact causal local attention in O(T·w) compute and memory.
 
     The sequence is cut into blocks of b = w positions (padded up to a multiple of b). A query
     at offset r of block n sees keys back to position n·b + r - w + 1 >= (n - 1)·b, so each query
     block needs only its own key block and the previous one: a strip 2b wide, inside which the
-    exact band mask is applied. Block -1 does not exist and is masked, as is the padding.
+    exact band mask is applied. Block -1 does not exist and is masked, as is the padding. With a
+    bidirectional prefix, a prefix query also sees keys up to w - 1 ahead, in the next block: the
+    strip is then 3b wide.
     """
     del causal  # banded attention is causal by construction (checked by the caller)
     assert window is not None, "banded attention needs a window"
@@ -245,22 +297,29 @@ def banded_attention(
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape(batch, num_blocks, block, *x.shape[2:])
 
-    def with_previous_block(x: jax.Array) -> jax.Array:  # [B, n, b, ...] -> [B, n, 2b, ...]
-        previous = jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.concatenate([previous, x], axis=2)
+    ahead = bidirectional is not None  # the strip takes the next block too
+
+    def strip(x: jax.Array) -> jax.Array:  # [B, n, b, ...] -> [B, n, 2b or 3b, ...]
+        pad = [(0, 0)] * (x.ndim - 2)
+        parts = [jnp.pad(x[:, :-1], [(0, 0), (1, 0), *pad]), x]
+        if ahead:
+            parts.append(jnp.pad(x[:, 1:], [(0, 0), (0, 1), *pad]))
+        return jnp.concatenate(parts, axis=2)
 
     qb = blocks(q)
-    k_strip, v_strip = with_previous_block(blocks(k)), with_previous_block(blocks(v))
+    k_strip, v_strip = strip(blocks(k)), strip(blocks(v))
     logits = jnp.einsum("bnqhd,bnkhd->bnhqk", qb, k_strip, preferred_element_type=jnp.float32) * _scale(q)
 
     starts = jnp.arange(num_blocks)[:, None] * block
     q_pos = starts + jnp.arange(block)  # [n, b]
-    k_pos = starts - block + jnp.arange(2 * block)  # [n, 2b]
-    allowed = _allowed(q_pos, k_pos, causal=True, window=window)  # [n, b, 2b]
+    k_pos = starts - block + jnp.arange((2 + ahead) * block)  # [n, 2b or 3b]
+    prefix = None if bidirectional is None else bidirectional[:, None, None, None]
+    allowed = _allowed(q_pos, k_pos, causal=True, window=window, prefix=prefix)  # [(B,) n, b, strip]
     allowed &= ((k_pos >= 0) & (k_pos < length))[:, None, :]
-    allowed = allowed[None, :, None]  # [1, n, 1, b, 2b]
+    allowed = jnp.expand_dims(allowed, 0) if prefix is None else allowed
+    allowed = allowed[:, :, None]  # [1 or B, n, 1, b, strip]
     if key_mask is not None:
-        key_strip = with_previous_block(blocks(key_mask))  # [B, n, 2b]
+        key_strip = strip(blocks(key_mask))  # [B, n, strip]
         allowed = allowed & key_strip[:, :, None, None, :]
 
     out = _softmax_weighted_sum(logits, allowed, v_strip, "bnhqk,bnkhd->bnqhd")
@@ -275,10 +334,17 @@ def _xla_attention(
     causal: bool = True,
     window: int | None = None,
     key_mask: jax.Array | None = None,
+    bidirectional: jax.Array | None = None,
     implementation: str = "xla",
 ) -> jax.Array:
-    """`jax.nn.dot_product_attention`; `is_causal` is always passed with a window (SPEC.md)."""
+    """`jax.nn.dot_product_attention`; `is_causal` is always passed with a window (SPEC.md). A
+    prefix-LM mask is passed whole, as the boolean mask."""
     mask = None if key_mask is None else key_mask[:, None, None, :]
+    if bidirectional is not None:
+        prefix = bidirectional[:, None, None, None]
+        allowed = _allowed(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]), causal, window, prefix)
+        mask = allowed if mask is None else mask & allowed
+        causal, window = False, None
     return jax.nn.dot_product_attention(
         q,
         k,
@@ -298,10 +364,11 @@ def _splash_attention(
     causal: bool = True,
     window: int | None = None,
     key_mask: jax.Array | None = None,
+    bidirectional: jax.Array | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """TPU Pallas splash attention, run on each device's shard of the batch and heads."""
-    del causal, key_mask  # checked by `supports`: causal, no key mask
+    del causal, key_mask, bidirectional  # checked by `supports`: causal, no key mask, no prefix
     kernel = functools.partial(_splash_kernel, window=window, interpret=interpret)
     return _on_each_shard(kernel, q, k, v)
 

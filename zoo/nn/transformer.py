@@ -115,10 +115,15 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, key_mask: jax.Array | None = None, cache: KVCache | None = None
+        self,
+        x: jax.Array,
+        key_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        bidirectional: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Attention over x's own tokens; with a `cache` (causal layers, when generating), over the
-        cache's keys and x's, returning (output, the cache with x's keys written in)."""
+        cache's keys and x's, returning (output, the cache with x's keys written in). `bidirectional`
+        [B]: each row's prefix-LM prefix length (absolute positions; see `attention`)."""
         cfg = self.cfg
         head_dim = cfg.d_model // cfg.num_heads
         common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
@@ -128,7 +133,14 @@ class SelfAttention(nn.Module):
         q, k, v = (nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "head_dim")) for i in range(3))
         if cache is None:
             out = attention(
-                q, k, v, causal=self.causal, window=self.window, key_mask=key_mask, implementation=cfg.attention_impl
+                q,
+                k,
+                v,
+                causal=self.causal,
+                window=self.window,
+                key_mask=key_mask,
+                bidirectional=bidirectional,
+                implementation=cfg.attention_impl,
             )
         elif x.shape[1] == 1:  # a decode step: the token's slot is written, then the cache attended over
             cache = cache.put(k, v)
@@ -144,6 +156,7 @@ class SelfAttention(nn.Module):
                 cache.start[:, None] + jnp.arange(x.shape[1]),
                 jnp.concatenate([cache.pos, positions], axis=1),
                 self.window,
+                bidirectional,
             )
             cache = cache.written(k, v)
         if cache is not None:
@@ -227,17 +240,23 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, deterministic: bool, key_mask: jax.Array | None = None, cache: KVCache | None = None
+        self,
+        x: jax.Array,
+        deterministic: bool,
+        key_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        bidirectional: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """The layer's output; with a KV `cache` (generation), (output, the updated cache)."""
+        """The layer's output; with a KV `cache` (generation), (output, the updated cache).
+        `bidirectional` [B]: each row's prefix-LM prefix length (causal layers)."""
         cfg = self.cfg
         attend = SelfAttention(cfg, self.causal, self.window, name="attn")
         updated = []
 
         def attention_sublayer(h: jax.Array) -> jax.Array:
             if cache is None:
-                return attend(h, key_mask)
-            out, new_cache = attend(h, key_mask, cache)
+                return attend(h, key_mask, bidirectional=bidirectional)
+            out, new_cache = attend(h, key_mask, cache, bidirectional)
             updated.append(new_cache)
             return out
 
