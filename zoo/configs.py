@@ -194,16 +194,25 @@ def _convert(value: Any, annotation: Any) -> Any:
 
 def override(config: Any, assignments: list[str]) -> Any:
     """Apply command-line `key=value` strings; values are Python literals, else strings, checked against
-    the field types (e.g. ["num_layers=6", "dtype=bfloat16", "attention_pattern=('dense', 'banded')"])."""
-    overrides = {}
+    the field types (e.g. ["num_layers=6", "dtype=bfloat16", "attention_pattern=('dense', 'banded')"]).
+    A dotted key sets a field of a nested config: "text.num_layers=4" in an ImageToTextConfig."""
+    overrides, nested = {}, {}
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
         if not sep:
             raise ValueError(f"expected key=value, got {assignment!r}")
+        outer, dot, inner = key.strip().partition(".")
+        if dot:
+            nested.setdefault(outer, []).append(f"{inner}={value}")
+            continue
         try:
-            overrides[key.strip()] = ast.literal_eval(value)
+            overrides[outer] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            overrides[key.strip()] = value
+            overrides[outer] = value
+    for outer, inner in nested.items():
+        if not (dataclasses.is_dataclass(config) and hasattr(config, outer)):
+            raise ValueError(f"{type(config).__name__} has no nested config {outer!r}")
+        overrides[outer] = override(getattr(config, outer), inner)
     return replace(config, **overrides)
 
 

@@ -75,6 +75,20 @@ def load_vit(workdir: str | os.PathLike, mesh: Mesh | None = None) -> tuple[ViT,
     return model, params, step
 
 
+def load_pretrained(path: str | os.PathLike, mesh: Mesh | None = None) -> tuple[Any, Any, TextTokenizer | None]:
+    """(config, params, tokenizer or None) of weights to start a model or a tower from: a zoo run (a
+    language model, as `load`; an image classifier, as `load_vit`) or a transformers
+    `save_pretrained` folder (GPT-2, GPT-1 or ViT, converted by `zoo.interop`; host arrays)."""
+    path = epath.Path(path)
+    if (path / "checkpoints").exists():
+        if "patch_size" in json.loads((path / "config.json").read_text())["model"]:
+            model, params, _ = load_vit(path, mesh)
+            return model.cfg, params, None
+        run = load(path, mesh)
+        return run.model.cfg, run.params, run.tokenizer
+    return interop.from_transformers(path)
+
+
 def _restore_params(
     workdir: epath.Path, model: nn.Module, example: jax.Array, mesh: Mesh | None, key: str | None = None
 ) -> tuple[Any, int]:

@@ -1,6 +1,6 @@
 """Training tasks the experiments build: a GPT on packed token rows, a GPT fine-tuned on encoded
-labelled examples, a ViT on labelled images, and InstructGPT's three stages (supervised chat,
-the reward model, PPO)."""
+labelled examples, a ViT on labelled images, InstructGPT's three stages (supervised chat,
+the reward model, PPO), and the image + text models (image-to-text, contrastive)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from zoo.adaptation.finetune import Classifier
 from zoo.alignment import chat, ppo, reward
 from zoo.alignment.reward import RewardModel
 from zoo.data.text import ArrayPipeline, StepPipeline, TextPipeline, check_token_ids
+from zoo.models import image_to_text, two_tower
 from zoo.models.gpt import GPT, GPTConfig
+from zoo.models.image_to_text import ImageToText
+from zoo.models.two_tower import TwoTower
 from zoo.models.vit import ViT
 from zoo.train.loop import Task
 from zoo.train.metrics import gpt_flops_per_token, vit_flops_per_image
@@ -239,4 +242,71 @@ def proximal_policy(
         start_params=start_params,
         train_step=ppo.train_step(policy, critic, config, stop_token, true_score),
         constants=constants,
+    )
+
+
+def _image_text_task(
+    model: ImageToText | TwoTower,
+    loss_fn: Callable,
+    example: tuple[np.ndarray, ...],
+    train: dict[str, np.ndarray],
+    evaluate: dict[str, np.ndarray],
+    global_batch: int,
+    seed: int,
+    eval_batches: int | None,
+    start_params: Callable[[Any], Any] | None,
+) -> Task:
+    """A task on encoded image + text arrays, the model's params initialised from the `example` inputs."""
+    train_batch, eval_batches = _array_batches(
+        train, evaluate, model.cfg.text, global_batch, seed, "image texts", eval_batches
+    )
+    cfg = model.cfg
+    text_length = train["tokens"].shape[1]
+    flops = vit_flops_per_image(cfg.vision) + gpt_flops_per_token(cfg.text) * text_length
+    return Task(
+        model=model,
+        loss_fn=loss_fn,
+        example_input=example,
+        train_batch=train_batch,
+        eval_batches=eval_batches,
+        global_rows=global_batch,
+        flops_per_row=flops,
+        items_per_row=1,
+        item_name="images",
+        init_params=lambda key: model.init(key, *example)["params"],
+        start_params=start_params,
+    )
+
+
+def image_captioning(
+    model: ImageToText,
+    train: dict[str, np.ndarray],
+    evaluate: dict[str, np.ndarray],
+    global_batch: int,
+    seed: int,
+    eval_batches: int | None = None,
+    start_params: Callable[[Any], Any] | None = None,
+) -> Task:
+    """The image-to-text model on `image_to_text.encode` batches: the next-token loss on the answers
+    only, with image and prompt as the bidirectional prefix."""
+    example = (train["image"][:1], train["tokens"][:1, :-1], train["prompt_lengths"][:1])
+    return _image_text_task(
+        model, image_to_text.loss, example, train, evaluate, global_batch, seed, eval_batches, start_params
+    )
+
+
+def contrastive(
+    model: TwoTower,
+    train: dict[str, np.ndarray],
+    evaluate: dict[str, np.ndarray],
+    global_batch: int,
+    seed: int,
+    eval_batches: int | None = None,
+    start_params: Callable[[Any], Any] | None = None,
+) -> Task:
+    """The two-tower model on {"image", "tokens", "lengths"} batches: the config's contrastive loss
+    over each global batch."""
+    example = (train["image"][:1], train["tokens"][:1], train["lengths"][:1])
+    return _image_text_task(
+        model, two_tower.loss, example, train, evaluate, global_batch, seed, eval_batches, start_params
     )

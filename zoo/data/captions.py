@@ -83,6 +83,15 @@ def questions_answers(labels: Sequence[int], seed: int) -> list[tuple[str, str]]
     return [question_answer(int(label), rng.randrange(len(QUESTIONS))) for label in labels]
 
 
+def all_texts() -> list[str]:
+    """Every caption, question and answer the templates make, and the zero-shot prompts: the whole
+    text of these tasks (e.g. to train a tokenizer on)."""
+    labels = range(len(NOUNS))
+    texts = [caption(label, t) for label in labels for t in range(len(CAPTION_TEMPLATES))]
+    texts += [text for label in labels for q in range(len(QUESTIONS)) for text in question_answer(label, q)]
+    return [*dict.fromkeys([*texts, *zero_shot_prompts()])]
+
+
 def zero_shot_prompts(template: str = "a photo of {a} {noun}") -> list[str]:
     """One text per class, in class order, for zero-shot classification by text-image similarity."""
     return [_fill(template, label) for label in range(len(NOUNS))]
