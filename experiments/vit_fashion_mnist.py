@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags (of `argv`, default the command line), with this experiment's defaults; stops at
     once, naming what to pass, when no data is at hand."""
     parser = experiment.parser(__doc__, workdir="runs/vit_fashion_mnist", steps=1500, batch=128, log_every=100)
+    add_data_flags(parser)
+    return checked(parser, parser.parse_args(argv))
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that say where Fashion-MNIST is (shared by the experiments that train on it)."""
     default_data = images.local_dataset("fashion-mnist")
     parser.add_argument(
         "--data",
@@ -76,7 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="train and test on N random 28 x 28 images instead of the data (tests, smoke runs)",
     )
-    args = parser.parse_args(argv)
+
+
+def checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """`args`, or a stop naming what to pass when they name no data at hand."""
     if not (args.synthetic or args.data or args.download or images.tfds_prepared("fashion_mnist", args.data_dir)):
         parser.error(
             f"no Fashion-MNIST here: pass --data DIR (the four IDX .gz files), set {images.DATA_ENV} to a "
