@@ -145,27 +145,29 @@ def encoded(
     return image_to_text.encode(pixels, encode(prompts), encode(answers), tokenizer.eos_id, TEXT_LENGTH)
 
 
-def start_from(towers: dict) -> Any:
-    """The loop's `start_params`: the fresh params with the pretrained towers' weights in place (a
-    ViT's classifier head is not part of the encoder)."""
+def start_from(towers: dict, names: dict[str, str] = TOWERS) -> Any:
+    """The loop's `start_params`: the fresh params with the pretrained towers' weights in place, each
+    under its module's name in `names` (a ViT's classifier head is not part of an image tower)."""
 
     def start(fresh: Any) -> Any:
         params = dict(fresh)
         for tower, (_, weights, _) in towers.items():
-            module = TOWERS[tower]
+            module = names[tower]
             params[module] = {name: value for name, value in weights.items() if name in fresh[module]}
         return params
 
     return start
 
 
-def frozen(task: Task, recipe: recipes.Recipe, towers: Sequence[str]) -> tuple[Task, Any]:
-    """(`task`, AdamW) with the `towers` (named as the flags name them) frozen: no gradient computed for
-    them, no optimizer state held."""
+def frozen(
+    task: Task, recipe: recipes.Recipe, towers: Sequence[str], names: dict[str, str] = TOWERS
+) -> tuple[Task, Any]:
+    """(`task`, AdamW) with the `towers` (as the flags name them; their modules in `names`) frozen: no
+    gradient computed for them, no optimizer state held."""
     if not towers:
         return task, recipes.optimizer(recipe)
     params = nn.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
-    trainable = adaptation.where(params, "^(?!(" + "|".join(TOWERS[tower] for tower in towers) + ")/)")
+    trainable = adaptation.where(params, "^(?!(" + "|".join(names[tower] for tower in towers) + ")/)")
     task = dataclasses.replace(task, loss_fn=adaptation.frozen(task.loss_fn, trainable))
     return task, adaptation.train_only(recipes.optimizer(recipe), trainable)
 

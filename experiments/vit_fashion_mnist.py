@@ -116,12 +116,12 @@ def image_data(args: argparse.Namespace) -> experiment.ImageData:
     )
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     recipe = Recipe(
         LEARNING_RATE, WARMUP, max(args.steps, WARMUP + 1), final_lr_fraction=0.0, weight_decay=0.1, betas=(0.9, 0.95)
     )
-    experiment.run_image_classifier(args, MODEL, recipe, image_data(args))
+    return experiment.run_image_classifier(args, MODEL, recipe, image_data(args))
 
 
 if __name__ == "__main__":
