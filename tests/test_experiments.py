@@ -67,7 +67,7 @@ FLAGS_USERS_NEED = {
     ),
     "chat.py": ("--workdir", "--message", "--system", "--temperature"),
     "caption_fashion_mnist.py": ("--data", "--synthetic", "--vision-from", "--text-from", "--freeze", "--eval-images"),
-    "contrastive_fashion_mnist.py": ("--data", "--loss", "--supervised", "--vision-from", "--freeze", "--retrieval-pairs"),
+    "contrastive_fashion_mnist.py": ("--data", "--loss", "--supervised", "--vision-from", "--retrieval-pairs"),
     "bench_sharding.py": ("--preset", "--layouts", "--batch", "--chip", "--topology", "--json"),
     "bench_vs_pytorch.py": ("--batch", "--steps", "--set", "--torch-compile", "--json", 'pip install -e ".[interop]"'),
 }
