@@ -1,4 +1,5 @@
-"""Benchmark one train step of a GPT or ViT preset under each sharding layout, as a markdown table.
+"""Benchmark one train step of a GPT or ViT preset, or of an image + text model of one of each,
+under each sharding layout, as a markdown table.
 
     python experiments/bench_sharding.py --preset gpt2-small --set num_layers=2 [--layouts dp fsdp]
         [--batch 8] [--grad-accum 1] [--repeats 3] [--chip tpu-v5e] [--json PATH] [--plot PATH]
@@ -6,6 +7,10 @@
         --layouts fsdp fsdp_tp --batch 512 --set remat=full
     python experiments/bench_sharding.py --method ppo --preset gpt2-small --set num_layers=2 --batch 8 \
         [--prompt-tokens 32] [--response-tokens 32] [--topology v5e:4x4]
+    python experiments/bench_sharding.py --method caption --preset gpt2-small --vision vit-b/16 \
+        --set text.num_layers=2 --set vision.num_layers=2 [--topology v5e:2x2]
+    python experiments/bench_sharding.py --method contrastive --preset gpt2-small --vision vit-b/16 \
+        --set text.context_length=64 --set embed_dim=256 --layouts dp fsdp
 
 Each row compiles the step (GPT-3's AdamW, as the experiments train) on a mesh of every available
 device, then times it: one warm-up step, then the median of --repeats steps on random inputs.
@@ -31,6 +36,14 @@ compile_ppo_step: rollout, scoring, minibatch updates), locally or for --topolog
 nothing: per-device memory, split into the trained state (policy and value model with their AdamW
 moments) and the frozen models (SFT reference and reward model), beside XLA's arguments, temps
 and peak.
+
+--method caption and --method contrastive train the image + text models (zoo.tasks.image_captioning,
+zoo.tasks.contrastive) on random images and texts: --preset names the text tower's GPT preset,
+--vision the image tower's ViT preset, and --set keys are dotted (text.num_layers=2,
+vision.image_size=64; embed_dim=256 for the two towers' shared space). The image-to-text decoder
+reads the image tokens, then the rest of its context_length as text; the two-tower model's text
+tower reads context_length tokens. Layouts whose tensor axis does not divide either tower's heads
+or d_ff, or the text vocabulary, are skipped.
 """
 
 from __future__ import annotations
@@ -43,10 +56,13 @@ import jax
 
 from zoo import bench, configs, sharding
 from zoo.models.gpt import GPTConfig
-from zoo.models.vit import ViTConfig
+from zoo.models.image_to_text import ImageToTextConfig
+from zoo.models.two_tower import TwoTowerConfig
 from zoo.report import HelpFormatter, fmt, markdown_table, settings
 
 MiB = 2**20
+IMAGE_TEXT = {"caption": ImageToTextConfig, "contrastive": TwoTowerConfig}  # --method: the model's config
+DEFAULT_VISION = "vit-b/16"  # their image tower
 SHORT = {
     "all-gather": "AG",
     "reduce-scatter": "RS",
@@ -65,14 +81,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="gpt2-small",
         choices=presets,
         metavar="PRESET",
-        help=f"a GPT or ViT preset: {', '.join(presets)}",
+        help=f"a GPT or ViT preset (the text tower's GPT preset with --method caption or contrastive): "
+        f"{', '.join(presets)}",
+    )
+    parser.add_argument(
+        "--vision",
+        choices=list(configs.VIT_PRESETS),
+        metavar="PRESET",
+        help=f"with --method caption or contrastive: the image tower's ViT preset (default {DEFAULT_VISION})",
     )
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a model config field, e.g. --set num_layers=2 (repeatable)",
+        help="override a model config field, e.g. --set num_layers=2, or a tower's: --set text.num_layers=2 "
+        "(repeatable)",
     )
     parser.add_argument(
         "--layouts", nargs="+", default=list(sharding.LAYOUTS), help="layout names or mesh specs such as data=2,fsdp=-1"
@@ -97,9 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--method",
-        choices=("pretrain", "ppo"),
+        choices=("pretrain", "ppo", *IMAGE_TEXT),
         default="pretrain",
-        help="the step: a pretraining train step, or a PPO iteration's memory (GPT presets; compiled, not run)",
+        help="the step: a pretraining train step, a PPO iteration's memory (GPT presets; compiled, not run), "
+        "or a train step of the image-to-text (caption) or two-tower (contrastive) model",
     )
     parser.add_argument("--prompt-tokens", type=int, default=32, help="with --method ppo: tokens of each prompt")
     parser.add_argument(
@@ -110,6 +135,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.topology and (args.chip or args.plot):
         parser.error("--topology names its chip and times nothing: drop --chip and --plot")
+    if args.method in IMAGE_TEXT:
+        if args.preset not in configs.GPT_PRESETS:
+            parser.error(
+                f"--method {args.method}: --preset names the text tower's GPT preset, and {args.preset!r} is not "
+                "one; name the image tower's ViT preset with --vision"
+            )
+        args.vision = args.vision or DEFAULT_VISION
+        try:
+            model_config(args.preset, args.set, args.method, args.vision)
+        except (ValueError, TypeError) as error:  # e.g. no text left in the decoder's context after the image
+            parser.error(f"--method {args.method}: {error}")
+    elif args.vision:
+        parser.error("--vision names the image tower of --method caption or contrastive")
     if args.method == "ppo":
         if args.preset not in configs.GPT_PRESETS:
             parser.error(f"--method ppo trains a GPT policy; {args.preset!r} is not a GPT preset")
@@ -118,14 +156,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_config(preset: str, assignments: list[str]) -> GPTConfig | ViTConfig:
-    """The preset's config with the --set overrides applied."""
-    base = configs.GPT_PRESETS.get(preset) or configs.VIT_PRESETS[preset]
+def model_config(
+    preset: str, assignments: list[str], method: str = "pretrain", vision: str = DEFAULT_VISION
+) -> bench.ModelConfig:
+    """The preset's config with the --set overrides applied; for an image + text `method`, the model
+    of the text tower `preset` and the image tower `vision`, the overrides on the combined config."""
+    if method in IMAGE_TEXT:
+        base = IMAGE_TEXT[method](vision=configs.VIT_PRESETS[vision], text=configs.GPT_PRESETS[preset])
+    else:
+        base = configs.GPT_PRESETS.get(preset) or configs.VIT_PRESETS[preset]
     return configs.override(base, assignments)
 
 
 def misfit(
-    cfg: GPTConfig | ViTConfig, layout: str, batch: int, devices: list | None = None, accumulation_steps: int = 1
+    cfg: bench.ModelConfig, layout: str, batch: int, devices: list | None = None, accumulation_steps: int = 1
 ) -> str | None:
     """Why `layout` cannot run this model and batch (of `accumulation_steps` micro-batches) on `devices`
     (default: the available ones; None: it can)."""
@@ -136,13 +180,14 @@ def misfit(
     except ValueError as error:
         return str(error)
     batch_shards, tensor = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"]
-    sizes = {
-        "micro-batch": (batch // accumulation_steps, batch_shards, "data x fsdp"),
-        "num_heads": (cfg.num_heads, tensor, "tensor"),
-        "d_ff": (cfg.d_ff, tensor, "tensor"),
-    }
-    if isinstance(cfg, GPTConfig):
-        sizes["vocab_size"] = (cfg.vocab_size, tensor, "tensor")
+    sizes = {"micro-batch": (batch // accumulation_steps, batch_shards, "data x fsdp")}
+    image_text = isinstance(cfg, ImageToTextConfig | TwoTowerConfig)
+    towers = {"vision.": cfg.vision, "text.": cfg.text} if image_text else {"": cfg}
+    for prefix, tower in towers.items():
+        sizes[f"{prefix}num_heads"] = (tower.num_heads, tensor, "tensor")
+        sizes[f"{prefix}d_ff"] = (tower.d_ff, tensor, "tensor")
+        if isinstance(tower, GPTConfig):
+            sizes[f"{prefix}vocab_size"] = (tower.vocab_size, tensor, "tensor")
     bad = [
         f"{name}={size} is not a multiple of {axes}={shards}"
         for name, (size, shards, axes) in sizes.items()
@@ -152,7 +197,7 @@ def misfit(
 
 
 def measure(
-    cfg: GPTConfig | ViTConfig,
+    cfg: bench.ModelConfig,
     layout: str,
     batch: int,
     repeats: int,
@@ -362,10 +407,12 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Measure every layout, print the table and optionally write JSON and a plot."""
     args = parse_args(argv)
-    cfg = model_config(args.preset, args.set)
+    cfg = model_config(args.preset, args.set, args.method, args.vision)
     item_name = "tokens" if isinstance(cfg, GPTConfig) else "images"
     ppo_tokens = (args.prompt_tokens, args.response_tokens) if args.method == "ppo" else None
     config = {"preset": args.preset, "overrides": args.set, "batch": args.batch}
+    if args.method in IMAGE_TEXT:
+        config |= {"method": args.method, "vision": args.vision, "text_tokens": bench.text_tokens(cfg)}
     if ppo_tokens:
         config |= {"method": "ppo", "prompt_tokens": args.prompt_tokens, "response_tokens": args.response_tokens}
     else:

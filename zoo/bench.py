@@ -28,6 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from zoo import sharding, tasks
 from zoo.alignment import ppo
 from zoo.models.gpt import GPT, GPTConfig
+from zoo.models.image_to_text import ImageToText, ImageToTextConfig
+from zoo.models.two_tower import TwoTower, TwoTowerConfig
 from zoo.models.vit import ViT, ViTConfig
 from zoo.train.loop import Task, initial_state, skipping_non_finite, state_shardings
 from zoo.train.metrics import device_peak_flops, gpt_attention_flops_per_token, gpt_flops_per_token, vit_flops_per_image
@@ -35,6 +37,10 @@ from zoo.train.steps import adamw, classification_loss, next_token_loss, train_s
 
 MOSAIC_KERNEL = 'custom_call_target="tpu_custom_call"'  # a Pallas kernel (splash attention) in TPU HLO
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# The models a train step is benchmarked for: a GPT, a ViT, or an image + text model of one of each.
+ModelConfig = GPTConfig | ViTConfig | ImageToTextConfig | TwoTowerConfig
+# An image + text config's model and training task.
+IMAGE_TEXT = {ImageToTextConfig: (ImageToText, tasks.image_captioning), TwoTowerConfig: (TwoTower, tasks.contrastive)}
 
 DTYPE_BYTES = {
     "pred": 1,
@@ -240,34 +246,62 @@ def cost(compiled: jax.stages.Compiled) -> dict[str, float | None]:
     return {"flops": analysis.get("flops"), "bytes_accessed": analysis.get("bytes accessed")}
 
 
-def batch_spec(cfg: GPTConfig | ViTConfig, batch: int) -> Any:
-    """The shapes of one global batch: rows of context_length + 1 tokens, or labelled images."""
+def text_tokens(cfg: ImageToTextConfig | TwoTowerConfig) -> int:
+    """Text tokens an image + text model reads per row: the decoder's context after the image tokens
+    (image-to-text), or the text tower's whole context (two towers)."""
+    if isinstance(cfg, ImageToTextConfig):
+        return cfg.text.context_length - cfg.num_image_tokens
+    return cfg.text.context_length
+
+
+def batch_spec(cfg: ModelConfig, batch: int) -> Any:
+    """The shapes of one global batch: rows of context_length + 1 tokens, labelled images, or images
+    with texts (`text_tokens` of them, one more for image-to-text's next-token targets)."""
     if isinstance(cfg, GPTConfig):
         return jax.ShapeDtypeStruct((batch, cfg.context_length + 1), jnp.int32)
+    vision = cfg if isinstance(cfg, ViTConfig) else cfg.vision
+    image = jax.ShapeDtypeStruct((batch, *vision.image_size, vision.num_channels), jnp.float32)
+    if isinstance(cfg, ViTConfig):
+        return {"image": image, "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    length = text_tokens(cfg)
+    if isinstance(cfg, TwoTowerConfig):
+        rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        return {"image": image, "tokens": jax.ShapeDtypeStruct((batch, length), jnp.int32), "lengths": rows}
     return {
-        "image": jax.ShapeDtypeStruct((batch, *cfg.image_size, cfg.num_channels), jnp.float32),
-        "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
+        "image": image,
+        "tokens": jax.ShapeDtypeStruct((batch, length + 1), jnp.int32),
+        "prompt_lengths": jax.ShapeDtypeStruct((batch,), jnp.int32),
+        "loss_mask": jax.ShapeDtypeStruct((batch, length), jnp.float32),
     }
 
 
-def workload(cfg: GPTConfig | ViTConfig, batch: int) -> Task:
-    """The loop's training task of a GPT or a ViT on random batches of `batch_spec`'s shapes (token
-    ids below the vocabulary, labels below the classes, normal images), batch k seeded by k."""
-    is_gpt = isinstance(cfg, GPTConfig)
+def random_inputs(cfg: ModelConfig, spec: Any, rng: np.random.Generator) -> Any:
+    """Random arrays of `batch_spec` shapes `spec`: token ids below the vocabulary, labels below the
+    classes, normal images; an image-to-text row's prompt of 1 to L tokens, the loss mask on the rest;
+    a two-tower text of 1 to T real tokens."""
+    if isinstance(cfg, GPTConfig):
+        return rng.integers(0, cfg.vocab_size, spec.shape, dtype=np.int32)
+    arrays = {"image": rng.standard_normal(spec["image"].shape, dtype=np.float32)}
+    if isinstance(cfg, ViTConfig):
+        return arrays | {"label": rng.integers(0, cfg.num_classes, spec["label"].shape, dtype=np.int32)}
+    rows, width = spec["tokens"].shape
+    arrays["tokens"] = rng.integers(0, cfg.text.vocab_size, (rows, width), dtype=np.int32)
+    if isinstance(cfg, TwoTowerConfig):
+        return arrays | {"lengths": rng.integers(1, width + 1, rows, dtype=np.int32)}
+    prompt_lengths = rng.integers(1, width, rows, dtype=np.int32)  # width = L + 1
+    loss_mask = (np.arange(width - 1) >= prompt_lengths[:, None] - 1).astype(np.float32)
+    return arrays | {"prompt_lengths": prompt_lengths, "loss_mask": loss_mask}
+
+
+def workload(cfg: ModelConfig, batch: int) -> Task:
+    """The loop's training task of a GPT, a ViT or an image + text model (`tasks.image_captioning`,
+    `tasks.contrastive`) on `random_inputs` batches of `batch_spec`'s shapes, batch k seeded by k."""
     local = batch_spec(cfg, batch // jax.process_count())  # this process's rows
-    high = cfg.vocab_size if is_gpt else cfg.num_classes
 
     def random_batch(step: int) -> Any:
-        rng = np.random.default_rng(step)
+        return random_inputs(cfg, local, np.random.default_rng(step))
 
-        def fill(spec: jax.ShapeDtypeStruct) -> np.ndarray:
-            if jnp.issubdtype(spec.dtype, jnp.integer):
-                return rng.integers(0, high, spec.shape, dtype=np.int32)
-            return rng.standard_normal(spec.shape, dtype=np.float32)
-
-        return jax.tree.map(fill, local)
-
-    if is_gpt:
+    if isinstance(cfg, GPTConfig):
         return Task(
             GPT(cfg),
             next_token_loss,
@@ -279,16 +313,22 @@ def workload(cfg: GPTConfig | ViTConfig, batch: int) -> Task:
             cfg.context_length,
             "tokens",
         )
-    return Task(
-        ViT(cfg),
-        classification_loss,
-        np.zeros((1, *cfg.image_size, cfg.num_channels), np.float32),
-        random_batch,
-        None,
-        batch,
-        vit_flops_per_image(cfg),
-        1,
-        "images",
+    if isinstance(cfg, ViTConfig):
+        return Task(
+            ViT(cfg),
+            classification_loss,
+            np.zeros((1, *cfg.image_size, cfg.num_channels), np.float32),
+            random_batch,
+            None,
+            batch,
+            vit_flops_per_image(cfg),
+            1,
+            "images",
+        )
+    model, task = IMAGE_TEXT[type(cfg)]
+    example = random_inputs(cfg, batch_spec(cfg, 1), np.random.default_rng(0))  # one row: the params' shapes
+    return dataclasses.replace(
+        task(model(cfg), example, example, batch, seed=0, eval_batches=0), train_batch=random_batch
     )
 
 
@@ -332,7 +372,7 @@ def _compile(step_fn: Callable, mesh: Mesh, shardings: Any, *inputs: Any) -> tup
 
 
 def compile_train_step(
-    cfg: GPTConfig | ViTConfig,
+    cfg: ModelConfig,
     layout: str,
     batch: int,
     optimizer: optax.GradientTransformation | None = None,
@@ -446,8 +486,28 @@ def ppo_layout(
     return row
 
 
+def _towers(cfg: ModelConfig) -> dict[str, GPTConfig | ViTConfig]:
+    """The layer stacks of a model by field name: a GPT or ViT is its own ("": cfg); an image + text
+    model has its "vision" and "text" towers."""
+    return {"": cfg} if isinstance(cfg, GPTConfig | ViTConfig) else {"vision": cfg.vision, "text": cfg.text}
+
+
+def _scan_period(tower: GPTConfig | ViTConfig) -> int:
+    """Layers per step of a tower's layer scan: a GPT's attention pattern, one ViT layer."""
+    return len(tower.attention_pattern) if isinstance(tower, GPTConfig) else 1
+
+
+def _shallow(cfg: ModelConfig, depths: dict[str, int]) -> ModelConfig:
+    """`cfg` with each tower `depths[name]` scan steps deep and unrolled (no loop)."""
+    shallow = {
+        name: dataclasses.replace(tower, num_layers=depths[name] * _scan_period(tower), scan_unroll=depths[name])
+        for name, tower in _towers(cfg).items()
+    }
+    return shallow[""] if "" in shallow else dataclasses.replace(cfg, **shallow)
+
+
 def step_cost(
-    cfg: GPTConfig | ViTConfig,
+    cfg: ModelConfig,
     layout: str,
     batch: int,
     optimizer: optax.GradientTransformation | None = None,
@@ -457,33 +517,40 @@ def step_cost(
     """XLA's per-device FLOPs and bytes accessed for a whole train step. XLA's cost analysis counts a
     loop's body once, which would hide all layers but one behind the layer scan (and all micro-batches
     but one behind gradient accumulation); so shallow models are compiled without loops and their
-    cost extrapolated: one and two scan steps deep give a scan step's cost (every one costs the same),
-    and, with k micro-batches, two unrolled micro-batches give one micro-batch's cost beside the
-    optimizer update's."""
-    period = len(cfg.attention_pattern) if isinstance(cfg, GPTConfig) else 1
-    steps = cfg.num_layers // period
+    cost extrapolated: one and two scan steps deep give a scan step's cost (every one costs the same;
+    an image + text model's towers deepened one at a time), and, with k micro-batches, two unrolled
+    micro-batches give one micro-batch's cost beside the optimizer update's."""
+    towers = _towers(cfg)
+    steps = {name: tower.num_layers // _scan_period(tower) for name, tower in towers.items()}
+    ones = dict.fromkeys(towers, 1)
     micro = batch // accumulation_steps
 
-    def cost_at(depth: int, micro_batches: int) -> dict[str, float | None]:
-        shallow = dataclasses.replace(cfg, num_layers=depth * period, scan_unroll=depth)
+    def cost_at(depths: dict[str, int], micro_batches: int) -> dict[str, float | None]:
         return cost(
             compile_train_step(
-                shallow, layout, micro * micro_batches, optimizer, devices, micro_batches, unroll_accumulation=True
+                _shallow(cfg, depths),
+                layout,
+                micro * micro_batches,
+                optimizer,
+                devices,
+                micro_batches,
+                unroll_accumulation=True,
             ).compiled
         )
 
-    one = cost_at(1, 1)  # one scan step, one micro-batch, the update
+    one = cost_at(ones, 1)  # one scan step of each tower, one micro-batch, the update
     if None in one.values():
         return one
-    scan_step = _difference(cost_at(2, 1), one) if steps > 1 else dict.fromkeys(one, 0.0)
-    whole_batch = {key: one[key] + (steps - 1) * scan_step[key] for key in one}
+    scan_steps = {
+        name: _difference(cost_at(ones | {name: 2}, 1), one) if steps[name] > 1 else dict.fromkeys(one, 0.0)
+        for name in towers
+    }
+    deeper = {key: sum((steps[name] - 1) * scan_steps[name][key] for name in towers) for key in one}
+    whole_batch = {key: one[key] + deeper[key] for key in one}
     if accumulation_steps == 1:
         return whole_batch
-    micro_batch = _difference(cost_at(1, 2), one)  # a micro-batch through one scan step
-    return {
-        key: whole_batch[key] + (accumulation_steps - 1) * (micro_batch[key] + (steps - 1) * scan_step[key])
-        for key in one
-    }
+    micro_batch = _difference(cost_at(ones, 2), one)  # a micro-batch through one scan step of each tower
+    return {key: whole_batch[key] + (accumulation_steps - 1) * (micro_batch[key] + deeper[key]) for key in one}
 
 
 def _difference(more: dict[str, float], less: dict[str, float]) -> dict[str, float]:
@@ -507,7 +574,7 @@ def time_step(step: CompiledStep, repeats: int, seed: int = 0) -> float:
 
 
 def measure_layout(
-    cfg: GPTConfig | ViTConfig,
+    cfg: ModelConfig,
     layout: str,
     batch: int,
     repeats: int = 3,
@@ -638,20 +705,21 @@ def peak_memory(mem: dict[str, int | None]) -> int | None:
 
 
 def with_kernel_flops(
-    xla_cost: dict[str, float | None], cfg: GPTConfig | ViTConfig, rows_per_device: float, has_kernel: bool
+    xla_cost: dict[str, float | None], cfg: ModelConfig, rows_per_device: float, has_kernel: bool
 ) -> dict[str, float | None]:
     """XLA's cost with the attention FLOPs it cannot see added where the program calls the splash
     kernel (a custom call XLA counts as free): the model's count, every key of a dense layer, so an
-    upper bound of the causal kernel's work, which skips the tiles above the diagonal."""
-    if not (has_kernel and isinstance(cfg, GPTConfig)) or xla_cost["flops"] is None:
+    upper bound of the causal kernel's work, which skips the tiles above the diagonal. Only causal
+    attention without masks calls it: a GPT's, or a two-tower model's text tower's (never a ViT's
+    nor the image-to-text decoder's, which reads a prefix-LM mask)."""
+    lm = cfg.text if isinstance(cfg, TwoTowerConfig) else cfg
+    if not (has_kernel and isinstance(lm, GPTConfig)) or xla_cost["flops"] is None:
         return xla_cost | {"kernel_flops": 0.0}
-    kernel = rows_per_device * cfg.context_length * gpt_attention_flops_per_token(cfg)
+    kernel = rows_per_device * lm.context_length * gpt_attention_flops_per_token(lm)
     return xla_cost | {"flops": xla_cost["flops"] + kernel, "kernel_flops": kernel}
 
 
-def aot_layout(
-    cfg: GPTConfig | ViTConfig, layout: str, batch: int, topology: str, accumulation_steps: int = 1
-) -> dict[str, Any]:
+def aot_layout(cfg: ModelConfig, layout: str, batch: int, topology: str, accumulation_steps: int = 1) -> dict[str, Any]:
     """Compile a train step of `cfg` under `layout` for the abstract chips of a TPU `topology`,
     running nothing: per-chip memory against the chip's HBM, cost, collectives and the roofline."""
     chip, devices = topology_chip(topology), topology_devices(topology)

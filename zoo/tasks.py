@@ -255,14 +255,15 @@ def _image_text_task(
     seed: int,
     eval_batches: int | None,
     start_params: Callable[[Any], Any] | None,
+    text_positions: int,
 ) -> Task:
-    """A task on encoded image + text arrays, the model's params initialised from the `example` inputs."""
+    """A task on encoded image + text arrays, the model's params initialised from the `example` inputs;
+    the text tower runs over `text_positions` positions a row."""
     train_batch, eval_batches = _array_batches(
         train, evaluate, model.cfg.text, global_batch, seed, "image texts", eval_batches
     )
     cfg = model.cfg
-    text_length = train["tokens"].shape[1]
-    flops = vit_flops_per_image(cfg.vision) + gpt_flops_per_token(cfg.text) * text_length
+    flops = vit_flops_per_image(cfg.vision) + gpt_flops_per_token(cfg.text) * text_positions
     return Task(
         model=model,
         loss_fn=loss_fn,
@@ -290,8 +291,9 @@ def image_captioning(
     """The image-to-text model on `image_to_text.encode` batches: the next-token loss on the answers
     only, with image and prompt as the bidirectional prefix."""
     example = (train["image"][:1], train["tokens"][:1, :-1], train["prompt_lengths"][:1])
+    positions = model.cfg.num_image_tokens + example[1].shape[1]  # the decoder reads the image tokens too
     return _image_text_task(
-        model, image_to_text.loss, example, train, evaluate, global_batch, seed, eval_batches, start_params
+        model, image_to_text.loss, example, train, evaluate, global_batch, seed, eval_batches, start_params, positions
     )
 
 
@@ -308,5 +310,14 @@ def contrastive(
     over each global batch."""
     example = (train["image"][:1], train["tokens"][:1], train["lengths"][:1])
     return _image_text_task(
-        model, two_tower.loss, example, train, evaluate, global_batch, seed, eval_batches, start_params
+        model,
+        two_tower.loss,
+        example,
+        train,
+        evaluate,
+        global_batch,
+        seed,
+        eval_batches,
+        start_params,
+        example[1].shape[1],
     )
