@@ -210,8 +210,9 @@ def override(config: Any, assignments: list[str]) -> Any:
         except (ValueError, SyntaxError):
             overrides[outer] = value
     for outer, inner in nested.items():
-        if not (dataclasses.is_dataclass(config) and hasattr(config, outer)):
-            raise ValueError(f"{type(config).__name__} has no nested config {outer!r}")
+        fields = {field.name for field in dataclasses.fields(config)}
+        if outer not in fields or not dataclasses.is_dataclass(getattr(config, outer)):
+            raise ValueError(f"{type(config).__name__} has no nested config {outer!r} (in {', '.join(inner)})")
         overrides[outer] = override(getattr(config, outer), inner)
     return replace(config, **overrides)
 
