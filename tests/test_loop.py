@@ -50,12 +50,12 @@ def committed_steps(workdir) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def shared_run(tmp_path_factory, worker_id) -> tuple[pathlib.Path, dict[int, float]]:
+def shared_run(tmp_path_factory, worker_id, shakespeare_512) -> tuple[pathlib.Path, dict[int, float]]:
     """(data folder, losses by step) of an uninterrupted 12-step run, made once per test session:
-    pytest-xdist's workers share them through their common temporary folder, under a lock. The run
-    builds the folder's corpus and tokenizer caches, which the tests' runs then only read."""
+    pytest-xdist's workers share them through their common temporary folder, under a lock. The
+    folder (the session's prepared corpus, tokenizer and token store) is only read by the runs."""
     root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    data_dir, record = root / "loop-data", root / "uninterrupted.json"
+    data_dir, record = shakespeare_512, root / "uninterrupted.json"
     with FileLock(root / "uninterrupted.lock"):
         if not record.exists():
             run(root / "uninterrupted", data_dir, 12)

@@ -101,10 +101,10 @@ def test_batches_sharded_on_the_thread_arrive_on_the_devices():
     )
 
 
-def test_the_input_benchmark_runs_at_a_tiny_size(tmp_path):
+def test_the_input_benchmark_runs_at_a_tiny_size(tmp_path, shakespeare_512):
     out = tmp_path / "input.json"
     flags = "--steps 4 --log-every 2 --repeats 1 --synthetic 64 --set num_layers=2 --set d_model=32 --set d_ff=64"
-    tiny = [*flags.split(), "--vocab-size", "512", "--data-dir", str(tmp_path / "data"), "--json", str(out)]
+    tiny = [*flags.split(), "--vocab-size", "512", "--data-dir", str(shakespeare_512), "--json", str(out)]
     result = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "bench_input.py"), *tiny],
         capture_output=True,

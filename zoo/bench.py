@@ -513,19 +513,24 @@ def step_cost(
     optimizer: optax.GradientTransformation | None = None,
     devices: Sequence[Any] | None = None,
     accumulation_steps: int = 1,
+    compiled: jax.stages.Compiled | None = None,
 ) -> dict[str, float | None]:
     """XLA's per-device FLOPs and bytes accessed for a whole train step. XLA's cost analysis counts a
     loop's body once, which would hide all layers but one behind the layer scan (and all micro-batches
     but one behind gradient accumulation); so shallow models are compiled without loops and their
     cost extrapolated: one and two scan steps deep give a scan step's cost (every one costs the same;
     an image + text model's towers deepened one at a time), and, with k micro-batches, two unrolled
-    micro-batches give one micro-batch's cost beside the optimizer update's."""
+    micro-batches give one micro-batch's cost beside the optimizer update's. `compiled`: the step of
+    these arguments, already compiled (`compile_train_step`); a step that hides no loop (one
+    unrolled scan step per tower, one micro-batch) is its own shallow model, not compiled again."""
     towers = _towers(cfg)
     steps = {name: tower.num_layers // _scan_period(tower) for name, tower in towers.items()}
     ones = dict.fromkeys(towers, 1)
     micro = batch // accumulation_steps
 
     def cost_at(depths: dict[str, int], micro_batches: int) -> dict[str, float | None]:
+        if compiled is not None and micro_batches == accumulation_steps == 1 and _shallow(cfg, depths) == cfg:
+            return cost(compiled)
         return cost(
             compile_train_step(
                 _shallow(cfg, depths),
@@ -727,7 +732,9 @@ def aot_layout(cfg: ModelConfig, layout: str, batch: int, topology: str, accumul
     hlo = step.compiled.as_text()
     mem = memory(step.compiled)
     peak = peak_memory(mem)
-    xla_cost = step_cost(cfg, layout, batch, devices=devices, accumulation_steps=accumulation_steps)
+    xla_cost = step_cost(
+        cfg, layout, batch, devices=devices, accumulation_steps=accumulation_steps, compiled=step.compiled
+    )
     row = {
         "layout": layout,
         "mesh": dict(step.mesh.shape),
