@@ -114,12 +114,13 @@ def test_every_help_exits_0_names_the_flags_users_need_and_needs_no_extra():
         assert [flag for flag in flags if flag not in text] == [], f"{script} --help lacks them"
 
 
-def test_default_experiment_trains_evaluates_samples_and_fine_tunes(tmp_path, capsys):
+def test_default_experiment_trains_evaluates_samples_and_fine_tunes(tmp_path, capsys, shakespeare_512):
     out = run(
         "default.py",
-        *"--steps 3 --batch 2 --eval-batches 1 --samples 1 --sample-tokens 8".split(),
-        *dirs(tmp_path),
-        *"--set num_layers=2 --set window=8".split(),
+        *"--steps 3 --batch 2 --eval-batches 1 --samples 1 --sample-tokens 8 --vocab-size 512".split(),
+        *["--workdir", str(tmp_path / "run"), "--data-dir", str(shakespeare_512)],
+        *TINY,
+        *"--set window=8".split(),
     )
     assert "validation loss" in out and "--- sample 1 ---\nROMEO." in out
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -132,8 +133,13 @@ def test_default_experiment_trains_evaluates_samples_and_fine_tunes(tmp_path, ca
     prompt = run_.tokenizer.encode("ROMEO.")
     with sharding.sharding_context(sharding.mesh_for("fsdp=-1")):
         greedy = zoo.generate(run_.model, run_.params, [prompt], 6, stop_tokens=(run_.tokenizer.eos_id,))
-    out = run("generate.py", "--workdir", str(tmp_path / "run"), "--prompt", "ROMEO.", "--temperature", "0",
-              "--max-new-tokens", "6")  # fmt: skip
+    # generate.py prints the same continuation (run here, under the same layout)
+    capsys.readouterr()
+    experiment_module("generate").main(
+        ["--workdir", str(tmp_path / "run"), "--prompt", "ROMEO.", "--temperature", "0", "--max-new-tokens", "6",
+         "--mesh", "fsdp=-1"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
     assert f"ROMEO.{run_.tokenizer.decode(greedy[0].tolist())}" in out and "(step 3)" in out
     # GPT-1's fine-tuning starts from the run (one task, tiny: the settings' table, not their accuracy)
     out = run(
@@ -160,12 +166,14 @@ def test_default_experiment_trains_evaluates_samples_and_fine_tunes(tmp_path, ca
     assert capsys.readouterr().out.endswith("\n")
 
 
-def test_gpt3_trains_any_preset_scaled_down_on_a_store_prepared_ahead(tmp_path, capfd):
-    prepared = ["--data-dir", str(tmp_path / "prep"), "--store-dir", str(tmp_path / "stores")]
+def test_gpt3_trains_any_preset_scaled_down_on_a_store_prepared_ahead(tmp_path, capfd, shakespeare_512):
+    # the corpus's tfds build and tokenizer come from the shared --data-dir; the store is made here
+    prepared = ["--data-dir", str(shakespeare_512), "--store-dir", str(tmp_path / "stores")]
     out = run("prepare_text.py", "--vocab-size", "512", "--workers", "2", *prepared)
     folder = re.search(r"--store (\S+)", out)[1]
+    assert pathlib.Path(folder).parent == tmp_path / "stores"
     capfd.readouterr()
-    again = prepare_corpus(tmp_path / "prep", 32, 512, store_dir=tmp_path / "stores")
+    again = prepare_corpus(shakespeare_512, 32, 512, store_dir=tmp_path / "stores")
     assert str(again.train.folder.parent) == folder and "tokenizing" not in capfd.readouterr().err
     out = run(
         "gpt3.py",
