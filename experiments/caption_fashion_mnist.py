@@ -172,6 +172,26 @@ def frozen(
     return task, adaptation.train_only(recipes.optimizer(recipe), trainable)
 
 
+def trained(args: argparse.Namespace, mesh: Any, task: Task, cfg: Any, names: dict[str, str] = TOWERS) -> dict:
+    """The loop's summary (final state, held-out loss) after training `task` (a model of config `cfg`) in
+    --workdir with this family's AdamW recipe (then the recipe flags), the --freeze towers frozen (their
+    modules in `names`)."""
+    recipe = experiment.recipe_from_flags(
+        args, recipes.Recipe(LEARNING_RATE, WARMUP, max(args.steps, WARMUP + 1), 0.0, 0.1, (0.9, 0.95))
+    )
+    task, optimizer = frozen(task, recipe, args.freeze, names)
+    config = {
+        "model": dataclasses.asdict(cfg),
+        "recipe": dataclasses.asdict(recipe),
+        "data": {flag: value for flag, value in vars(args).items() if flag in experiment.IMAGE_DATA_FLAGS},
+        "args": vars(args),
+    }
+    summary = train(task, optimizer, mesh, args.workdir, experiment.loop_config(args), config)
+    if summary.get("preempted"):
+        raise SystemExit("preempted: rerun the same command to resume")
+    return summary
+
+
 def answers_of(
     model: ImageToText, params: Any, pixels: np.ndarray, prompts: list[str], tokenizer: TextTokenizer
 ) -> list[str]:
@@ -228,23 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
         eval_batches=max(1, EVAL_ROWS // args.batch),
         start_params=start_from(towers) if towers else None,
     )
-    recipe = experiment.recipe_from_flags(
-        args, recipes.Recipe(LEARNING_RATE, WARMUP, max(args.steps, WARMUP + 1), 0.0, 0.1, (0.9, 0.95))
-    )
-    task, optimizer = frozen(task, recipe, args.freeze)
-    config = {
-        "model": dataclasses.asdict(cfg),
-        "recipe": dataclasses.asdict(recipe),
-        "data": {flag: value for flag, value in vars(args).items() if flag in experiment.IMAGE_DATA_FLAGS},
-        "args": vars(args),
-    }
     print(
         f"{len(train_labels):,} training and {len(test_labels):,} test images; {cfg.num_image_tokens} image tokens, "
         f"text vocabulary {cfg.text.vocab_size}; frozen: {', '.join(args.freeze) or 'nothing'}"
     )
-    summary = train(task, optimizer, mesh, args.workdir, experiment.loop_config(args), config)
-    if summary.get("preempted"):
-        raise SystemExit("preempted: rerun the same command to resume")
+    summary = trained(args, mesh, task, cfg)
     params = summary["state"]["params"]
     count = min(args.eval_images, len(test_labels))
     results = accuracies(model, params, test_pixels[:count], test_labels[:count], tokenizer)

@@ -36,11 +36,9 @@ from zoo.models.two_tower import TwoTower, TwoTowerConfig
 from zoo.report import markdown_table
 from zoo.runs import load_vit
 from zoo.tokenizer import TextTokenizer
-from zoo.train import recipes, train
 
 TEXT = dataclasses.replace(captioning.TEXT, context_length=16)
 TOWERS = {"vision": "image_encoder", "text": "text_encoder"}
-LEARNING_RATE, WARMUP = 2e-3, 100
 EVAL_ROWS = 512  # test pairs of the held-out loss the loop reports
 BATCH = 1000  # images embedded at a time for evaluation
 
@@ -146,25 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
         eval_batches=max(1, EVAL_ROWS // args.batch),
         start_params=captioning.start_from(towers, TOWERS) if towers else None,
     )
-    recipe = experiment.recipe_from_flags(
-        args, recipes.Recipe(LEARNING_RATE, WARMUP, max(args.steps, WARMUP + 1), 0.0, 0.1, (0.9, 0.95))
-    )
-    task, optimizer = captioning.frozen(task, recipe, args.freeze, TOWERS)
-    config = {
-        "model": dataclasses.asdict(cfg),
-        "recipe": dataclasses.asdict(recipe),
-        "data": {flag: value for flag, value in vars(args).items() if flag in experiment.IMAGE_DATA_FLAGS},
-        "args": vars(args),
-    }
     print(
         f"{len(train_labels):,} training and {len(test_labels):,} test images; {args.loss} loss over batches of "
         f"{args.batch}; frozen: {', '.join(args.freeze) or 'nothing'}"
     )
-    summary = train(task, optimizer, mesh, args.workdir, experiment.loop_config(args), config)
-    if summary.get("preempted"):
-        raise SystemExit("preempted: rerun the same command to resume")
+    params = captioning.trained(args, mesh, task, cfg, TOWERS)["state"]["params"]
     pairs = min(args.retrieval_pairs, len(test_labels))
-    report = evaluate(model, summary["state"]["params"], test_pixels, test_labels, tokenizer, pairs)
+    report = evaluate(model, params, test_pixels, test_labels, tokenizer, pairs)
     if args.supervised is not None:
         report["supervised"] = supervised_accuracy(args.supervised, test_pixels, test_labels)
     print(f"\n## {len(test_labels):,} test images: zero-shot classification by the nearest class prompt\n")
